@@ -31,7 +31,8 @@ class ConfigError(NfError):
         self.expected = expected
         self.got = got
         shown = "" if got is None else f", got {got!r}"
-        super().__init__(f"{self.file}: {field}: expected {expected}{shown}", hint=hint)
+        where = f"{self.file}: {field}" if field else self.file
+        super().__init__(f"{where}: expected {expected}{shown}", hint=hint)
 
 
 class PathError(NfError):
