@@ -1,0 +1,466 @@
+"""One node's agent: a single asyncio loop hosting the channel, replication and the API.
+
+Role and epoch live in the state database. Until the role state machine lands, a new cluster
+starts with `primary` active at epoch 1. Blocking work (hashing, journaling, applying) runs in
+worker threads so heartbeats and the API never wait behind a large file.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from engine.api import ApiServer
+from engine.capture import Change, Coalescer, Watcher
+from engine.channel import Channel, Link
+from engine.config import ClusterConfig, NodeConfig, load_cluster, load_node
+from engine.errors import ApiError, ConfigError, NfError, ProtocolError
+from engine.journaler import Journaler
+from engine.protocol import Codec, Message
+from engine.replication import ManifestWaiter, PeerProgress, Receiver, Sender
+from engine.state import State
+from engine.tls import client_context, server_context
+
+log = logging.getLogger("nf.agent")
+
+MAINTENANCE_INTERVAL = 1.0
+
+
+def find_cluster_config(node_toml: Path) -> Path:
+    """cluster.toml beside node.toml, or in its parent directory (the layout nf init writes)."""
+    for candidate in (node_toml.parent / "cluster.toml", node_toml.parent.parent / "cluster.toml"):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(str(node_toml), "cluster.toml", "a cluster.toml beside node.toml or in its parent directory")
+
+
+class Agent:
+    def __init__(self, cluster: ClusterConfig, node: NodeConfig) -> None:
+        self.cluster = cluster
+        self.node = node
+        self.state = State(node.state_dir)
+        self._init_role()
+        self.stopping = asyncio.Event()
+        self.progress: dict[str, PeerProgress] = {}
+        self.views: dict[str, dict[str, Any]] = {}
+        self.manifests: dict[str, ManifestWaiter] = {}
+        self.senders: dict[str, Sender] = {}
+        self.journal_wake: set[asyncio.Event] = set()
+        self.receiver: Receiver | None = None
+        self.watcher: Watcher | None = None
+        self.coalescer = Coalescer()
+        self.flush_needed = asyncio.Event()
+        self.last_error = ""
+        self.started = time.time()
+        self._tasks: list[asyncio.Task[Any]] = []
+        peers = {n.id: (n.channel_host, n.channel_port) for n in cluster.nodes if n.id != node.id}
+        me = cluster.node(node.id)
+        self.channel = Channel(
+            node_id=node.id, peers=peers, listen=(me.channel_host, me.channel_port),
+            server_ctx=server_context(node), client_ctx=client_context(node),
+            codec_factory=self._codec, hello=self._hello, epoch=lambda: self.epoch,
+            on_link=self._on_link, on_refused=self._on_refused,
+        )
+        self.api = ApiServer(node.socket, {
+            "ping": self._api_ping, "status": self._api_status, "verify": self._api_verify,
+            "events": self._api_events, "rescan": self._api_rescan,
+        })
+
+    # -- role -------------------------------------------------------------------------
+    def _init_role(self) -> None:
+        if self.state.get("role") is None:
+            role = "active" if self.node.id == "primary" else "passive"
+            self.state.put(role=role, epoch=1, node_id=self.node.id)
+        if self.role == "active" and self.state.get("journal_id") is None:
+            self.state.put(journal_id=uuid.uuid4().hex)
+
+    @property
+    def role(self) -> str:
+        return self.state.get("role") or "passive"
+
+    @property
+    def epoch(self) -> int:
+        return self.state.get_int("epoch")
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        self.event("info", "agent_started", f"agent {self.node.id} started as {self.role} at epoch {self.epoch}")
+        for tree in self.cluster.protected:
+            (self.node.root / tree.rel).mkdir(parents=True, exist_ok=True)
+        if self.role == "passive":
+            self.receiver = Receiver(self.state, self.cluster, self.node, self.event)
+            self._spawn(self.receiver.apply_forever())
+        else:
+            await self._start_capture()
+        await self.channel.start()
+        await self.api.start()
+        self._spawn(self._heartbeat_loop())
+        self._spawn(self._maintenance_loop())
+        await self.stopping.wait()
+        await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        self.event("info", "agent_stopped", f"agent {self.node.id} stopping on request")
+        await self.api.stop()
+        await self.channel.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.watcher is not None:
+            asyncio.get_running_loop().remove_reader(self.watcher.fileno())
+            self.watcher.close()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("task failed: %r", exc, exc_info=exc)
+            self.last_error = f"{type(exc).__name__}: {exc}"
+
+    # -- capture (active) -------------------------------------------------------------
+    async def _start_capture(self) -> None:
+        self.watcher = Watcher(self.node.root, self.cluster.protected)
+        startup = self.watcher.start()
+        asyncio.get_running_loop().add_reader(self.watcher.fileno(), self._on_inotify)
+        self.journaler = Journaler(self.state.connect(), self.node.root, self.cluster.protected,
+                                   self.cluster.replication)
+        # Changes made while the agent was down: a rescan against what was shipped.
+        for change in startup + [Change("rescan", t.rel) for t in self.cluster.protected]:
+            self.coalescer.add(change)
+        self.flush_needed.set()
+        self._spawn(self._flush_loop())
+        self._spawn(self._rescan_loop())
+
+    def _on_inotify(self) -> None:
+        assert self.watcher is not None
+        try:
+            changes = self.watcher.read()
+        except OSError as exc:
+            self.last_error = f"inotify read: {exc}"
+            changes = [Change("rescan", t.rel) for t in self.cluster.protected]
+        for change in changes:
+            if change.kind == "rescan":
+                self.event("warning", "rescan", f"rescan of {change.path}: inotify lost events or watches")
+            self.coalescer.add(change)
+        if changes:
+            self.flush_needed.set()
+
+    async def _flush_loop(self) -> None:
+        delay = self.cluster.replication.coalesce_ms / 1000
+        while True:
+            await self.flush_needed.wait()
+            if delay:
+                await asyncio.sleep(delay)
+            self.flush_needed.clear()
+            changes = self.coalescer.drain()
+            if not changes:
+                continue
+            try:
+                n = await asyncio.to_thread(self.journaler.process, changes)
+            except Exception as exc:
+                log.exception("journaling failed")
+                self.last_error = f"journal: {exc}"
+                for t in self.cluster.protected:
+                    self.coalescer.add(Change("rescan", t.rel))
+                self.flush_needed.set()
+                await asyncio.sleep(1)
+                continue
+            if n:
+                for ev in self.journal_wake:
+                    ev.set()
+
+    async def _rescan_loop(self) -> None:
+        interval = self.cluster.replication.rescan_interval
+        next_run = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(max(0.0, next_run - time.monotonic()))
+            next_run += interval
+            for t in self.cluster.protected:
+                self.coalescer.add(Change("rescan", t.rel))
+            self.flush_needed.set()
+
+    # -- channel ----------------------------------------------------------------------
+    def _codec(self) -> Codec:
+        r = self.cluster.replication
+        return Codec(max_frame=r.max_frame_bytes, compression=r.compression, level=r.compression_level)
+
+    def _hello(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"node": self.node.id, "role": self.role, "cluster": self.cluster.name}
+        if self.role == "active":
+            fields["journal_id"] = self.state.get("journal_id")
+            fields["journal_seq"] = self.state.journal_head()
+        else:
+            fields["journal_id"] = self.state.get("source_journal_id")
+            fields["applied_seq"] = self.state.get_int("applied_seq")
+        return fields
+
+    def _on_refused(self, addr: str, reason: str) -> None:
+        self.event("warning", "peer_refused", f"refused channel peer {addr}: {reason}")
+
+    async def _on_link(self, link: Link) -> None:
+        if link.hello.get("cluster") != self.cluster.name:
+            self.event("warning", "peer_refused", f"refused {link.node}: cluster {link.hello.get('cluster')!r}")
+            return
+        self.event("info", "peer_connected", f"channel to {link.node} up ({link.hello.get('role')})")
+        self.views[link.node] = {"role": link.hello.get("role"), "epoch": link.hello.get("epoch"), "seen": time.time()}
+        waiter = self.manifests[link.node] = ManifestWaiter()
+        sender_task: asyncio.Task[None] | None = None
+        if self.role == "active" and link.hello.get("role") == "passive":
+            progress = self.progress.setdefault(link.node, self._load_progress(link.node))
+            wake = asyncio.Event()
+            self.journal_wake.add(wake)
+            sender = Sender(link, self.state, self.cluster, self.node, progress, self.state.get("journal_id") or "",
+                            lambda: wake, waiter, self.event)
+            self.senders[link.node] = sender
+            sender_task = asyncio.ensure_future(sender.run())
+            sender_task.add_done_callback(lambda t: self._sender_done(link, t))
+        if self.receiver is not None:
+            self.receiver.link = link
+        try:
+            while True:
+                msg = await link.recv()
+                await self._dispatch(link, msg)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        except ProtocolError as exc:
+            self.event("warning", "protocol_error", f"closed channel to {link.node}: {exc}")
+        finally:
+            self.event("info", "peer_disconnected", f"channel to {link.node} down")
+            waiter.fail_all(ConnectionError(f"channel to {link.node} closed"))
+            if sender_task is not None:
+                sender_task.cancel()
+                self.senders.pop(link.node, None)
+                self.journal_wake.discard(wake)
+            if self.receiver is not None and self.receiver.link is link:
+                self.receiver.link = None
+
+    def _sender_done(self, link: Link, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, (ConnectionError, OSError)):
+            log.error("sender to %s failed: %r", link.node, exc, exc_info=exc)
+            self.last_error = f"sender to {link.node}: {exc}"
+        link.close()
+
+    async def _dispatch(self, link: Link, msg: Message) -> None:
+        if msg.epoch < self.epoch:
+            raise ProtocolError(f"{msg.type} from {link.node} carries epoch {msg.epoch}, below ours ({self.epoch})")
+        t = msg.type
+        if t == "hb":
+            self.views[link.node] = dict(msg.fields, epoch=msg.epoch, seen=time.time())
+        elif t == "recs":
+            if self.receiver is None or link.hello.get("role") != "active":
+                raise ProtocolError(f"recs from {link.node}, which is not the active")
+            await self.receiver.on_recs(msg)
+        elif t == "ack":
+            p = self.progress.get(link.node)
+            if p is not None:
+                p.acked_received = max(p.acked_received, msg.get("received", int))
+                p.acked_applied = max(p.acked_applied, msg.get("applied", int))
+                p.ack_event.set()
+        elif t == "manifest_req":
+            if self.receiver is None:
+                raise ProtocolError("manifest_req sent to the active")
+            asyncio.ensure_future(self.receiver.on_manifest_req(link, msg))
+        elif t in ("manifest", "manifest_end"):
+            self.manifests[link.node].on_message(msg)
+        else:
+            raise ProtocolError(f"unknown message type {t!r}")
+
+    def _load_progress(self, node: str) -> PeerProgress:
+        row = self.state.db.execute(
+            "SELECT acked_received, acked_applied, journal_id FROM peers WHERE node=?", (node,)
+        ).fetchone()
+        if row is None:
+            return PeerProgress(node)
+        return PeerProgress(node, row[0], row[1], row[2])
+
+    # -- loops ------------------------------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        interval = self.cluster.heartbeat.interval
+        next_run = time.monotonic()
+        while True:
+            fields = self._heartbeat_fields()
+            for link in list(self.channel.links.values()):
+                try:
+                    await link.send("hb", fields)
+                except Exception:  # a transport torn down under us: the link's reader ends it
+                    link.close()
+            next_run += interval
+            delay = next_run - time.monotonic()
+            if delay < 0:
+                log.warning("heartbeat loop late by %.3f s", -delay)
+                next_run = time.monotonic()
+                delay = 0
+            await asyncio.sleep(delay)
+
+    def _heartbeat_fields(self) -> dict[str, Any]:
+        me = self._self_view()
+        return {k: v for k, v in me.items() if k not in ("id", "connected", "epoch")}
+
+    async def _maintenance_loop(self) -> None:
+        """Persist peer progress, truncate the journal, and spill overflowing send queues."""
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL)
+            if self.role != "active":
+                continue
+            try:
+                self._maintain_journal()
+            except Exception as exc:  # keep the loop alive; say what went wrong
+                log.exception("journal maintenance failed")
+                self.last_error = f"journal maintenance: {exc}"
+
+    def _maintain_journal(self) -> None:
+        db = self.state.db
+        passives = [n.id for n in self.cluster.nodes if n.id != self.node.id]
+        limit = self.cluster.replication.send_queue_max_bytes
+        for node in passives:
+            p = self.progress.setdefault(node, self._load_progress(node))
+            _n, size, _ts = self.state.journal_backlog(p.acked_applied)
+            if size > limit:
+                head = self.state.journal_head()
+                paths = self.state.journal_paths_after(p.acked_applied)
+                with db:
+                    db.execute("BEGIN IMMEDIATE")
+                    db.executemany("INSERT OR IGNORE INTO dirty(node, path) VALUES(?, ?)", [(node, x) for x in paths])
+                    p.acked_applied = p.acked_received = head
+                self.event("warning", "send_queue_overflow",
+                           f"send queue to {node} passed {limit} bytes: {len(paths)} path(s) kept as a dirty list "
+                           f"for a delta resync")
+                link = self.channel.links.get(node)
+                if link is not None:
+                    link.close()
+            db.execute(
+                "INSERT INTO peers(node, journal_id, acked_received, acked_applied) VALUES(?,?,?,?) "
+                "ON CONFLICT(node) DO UPDATE SET acked_received=excluded.acked_received, "
+                "acked_applied=excluded.acked_applied",
+                (node, self.state.get("journal_id"), p.acked_received, p.acked_applied),
+            )
+        low = min((self.progress[n].acked_applied for n in passives), default=self.state.journal_head())
+        self.state.truncate_journal(low)
+
+    # -- status -----------------------------------------------------------------------
+    def _self_view(self) -> dict[str, Any]:
+        view: dict[str, Any] = {"id": self.node.id, "role": self.role, "epoch": self.epoch, "connected": True,
+                                "last_error": self.last_error, "links": sorted(self.channel.links)}
+        if self.role == "active":
+            view["journal_seq"] = self.state.journal_head()
+            view["applied_seq"] = view["journal_seq"]
+            view["receive_queue_records"] = view["receive_queue_bytes"] = 0
+            now = time.time()
+            peers = {}
+            for node, p in self.progress.items():
+                n, size, oldest = self.state.journal_backlog(p.acked_received)
+                _, _, oldest_unapplied = self.state.journal_backlog(p.acked_applied)
+                peers[node] = {
+                    "send_queue_records": n, "send_queue_bytes": size,
+                    "lag_seconds": round(max(0.0, now - oldest_unapplied), 3) if oldest_unapplied else 0.0,
+                    "acked_applied": p.acked_applied, "syncing": p.syncing,
+                    "dirty_paths": self.state.db.execute("SELECT COUNT(*) FROM dirty WHERE node=?", (node,)).fetchone()[0],
+                }
+            view["peers"] = peers
+        else:
+            n, size, _ = self.state.recvq_stats()
+            view["applied_seq"] = self.state.get_int("applied_seq")
+            view["receive_queue_records"], view["receive_queue_bytes"] = n, size
+            if self.receiver is not None and self.receiver.last_error:
+                view["last_error"] = view["last_error"] or self.receiver.last_error
+        return view
+
+    def status(self) -> dict[str, Any]:
+        me = self._self_view()
+        views: dict[str, dict[str, Any]] = {self.node.id: me}
+        now = time.time()
+        for node_id, v in self.views.items():
+            views[node_id] = dict(v, id=node_id)
+        active = next((v for v in views.values() if v.get("role") == "active"), None)
+        active_peers = (active or {}).get("peers", {})
+        nodes = []
+        for spec in self.cluster.nodes:
+            v = views.get(spec.id, {})
+            fresh = spec.id == self.node.id or spec.id in self.channel.links
+            linked_from_active = active is not None and spec.id in active.get("links", [])
+            entry: dict[str, Any] = {
+                "id": spec.id,
+                "role": v.get("role", "unknown") if (fresh or linked_from_active) else "unknown",
+                "connected": spec.id == self.node.id or fresh or linked_from_active,
+                "channel": f"{spec.channel_host}:{spec.channel_port}",
+                "management": spec.management,
+                "epoch": v.get("epoch"),
+                "send_queue_records": 0, "send_queue_bytes": 0,
+                "receive_queue_records": v.get("receive_queue_records", 0),
+                "receive_queue_bytes": v.get("receive_queue_bytes", 0),
+                "applied_seq": v.get("applied_seq", 0),
+                "lag_seconds": 0.0,
+                "last_error": v.get("last_error", ""),
+                "heartbeat_age": None if spec.id == self.node.id or "seen" not in v else round(now - v["seen"], 3),
+            }
+            if spec.id in active_peers:
+                ap = active_peers[spec.id]
+                entry.update({k: ap[k] for k in ("send_queue_records", "send_queue_bytes", "lag_seconds")})
+                entry["syncing"] = ap.get("syncing", False)
+                entry["dirty_paths"] = ap.get("dirty_paths", 0)
+            nodes.append(entry)
+        return {"cluster": self.cluster.name, "answered_by": self.node.id, "role": self.role,
+                "epoch": self.epoch, "nodes": nodes}
+
+    def event(self, level: str, kind: str, message: str, **data: object) -> None:
+        getattr(log, "warning" if level == "warning" else "error" if level == "error" else "info")(message)
+        try:
+            self.state.event(level, kind, message, **data)
+        except Exception:  # the event log must never take the agent down
+            log.exception("could not store event")
+
+    # -- API handlers -----------------------------------------------------------------
+    async def _api_ping(self, _req: dict[str, Any]) -> dict[str, Any]:
+        return {"node": self.node.id, "pid": os.getpid(), "role": self.role}
+
+    async def _api_status(self, _req: dict[str, Any]) -> dict[str, Any]:
+        return self.status()
+
+    async def _api_events(self, req: dict[str, Any]) -> list[dict[str, Any]]:
+        limit = req.get("limit", 50)
+        if not isinstance(limit, int) or not 1 <= limit <= 10000:
+            raise ApiError("limit: expected an integer 1..10000", field="limit")
+        return self.state.events(limit)
+
+    async def _api_rescan(self, _req: dict[str, Any]) -> dict[str, Any]:
+        if self.role != "active":
+            raise ApiError("rescan runs on the active node", hint="run it against the active (nf status)")
+        for t in self.cluster.protected:
+            self.coalescer.add(Change("rescan", t.rel))
+        self.flush_needed.set()
+        return {"scheduled": True}
+
+    async def _api_verify(self, req: dict[str, Any]) -> dict[str, Any]:
+        repair = req.get("repair", False)
+        if not isinstance(repair, bool):
+            raise ApiError("repair: expected true or false", field="repair")
+        if self.role != "active":
+            raise ApiError("verify runs on the active node", hint="run it against the active (nf status)")
+        from engine.verify import run_verify
+
+        return await run_verify(self, repair=repair)
+
+
+def run_agent(node_toml: Path) -> int:
+    """Entry point of `nf agent`: load configs, run until SIGTERM. Returns the exit code."""
+    node_toml = Path(node_toml)
+    cluster = load_cluster(find_cluster_config(node_toml))
+    node = load_node(node_toml, cluster)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {node.id} %(name)s %(levelname)s %(message)s")
+    asyncio.run(Agent(cluster, node).run())
+    return 0

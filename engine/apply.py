@@ -1,0 +1,540 @@
+"""The passive's side of a record: apply it to the replica, never exposing a torn file.
+
+A new version of a file is built in a staged copy at the top of its tree
+(`<tree>/.nf-stage/<gid>`, same file system as the target) from its "data" records and renamed
+over the target by its "file" record, so readers see the old version or the new one, never a
+mix. Every other record changes one thing atomically (rename, symlink swap, chmod, utime,
+truncate) or is a no-op when its effect is already there, so any record may be applied twice:
+after a crash the receiver replays from the first record of the unit that was not committed.
+
+Every path is checked (`engine.paths.check_rel_path`) and resolved from the root prefix one
+component at a time without following symlinks, so a record can reach neither outside the
+protected set nor through a symlink in the replica. Symlink targets are stored verbatim and
+never followed.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import os
+import shutil
+import stat
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.blocks import data_extents
+from engine.errors import PathError, ProtocolError
+from engine.paths import STAGE_NAME, check_rel_path, makedirs_parent, open_dir, open_parent, tree_of
+
+if TYPE_CHECKING:
+    from engine.config import ProtectedTree
+
+__all__ = ["Applier", "OPS"]
+
+OPS = ("data", "file", "mkdir", "symlink", "delete", "rename", "attr")
+
+#: ioctl number of FICLONE (linux/fs.h); the fcntl module names it only from Python 3.12.
+FICLONE = getattr(fcntl, "FICLONE", 0x40049409)
+
+#: Largest offset or size a record may name (keeps pwrite/ftruncate inside off_t).
+MAX_OFFSET = 1 << 62
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_COPY_BYTES = 8 << 20
+
+
+@dataclass
+class _Stage:
+    """A staged file being built: its target, and open fds of the file and of the stage dir."""
+
+    path: str
+    trusted: str
+    dir_fd: int
+    name: str
+    fd: int
+
+
+class Applier:
+    """Applies records to the replica under `root`; used from one thread at a time."""
+
+    def __init__(self, root: Path, trees: Iterable["ProtectedTree"], *, stage_name: str = STAGE_NAME) -> None:
+        self.root = Path(root)
+        self.trees = tuple(trees)
+        self.stage_name = stage_name
+        self._stages: dict[int, _Stage] = {}
+        self._tmp = itertools.count(1)
+        self._ops: dict[str, Callable[[dict[str, Any], bytes], bool]] = {
+            "data": self._data, "file": self._file, "mkdir": self._mkdir, "symlink": self._symlink,
+            "delete": self._delete, "rename": self._rename, "attr": self._attr,
+        }
+
+    def apply(self, op: str, meta: dict[str, Any], data: bytes = b"") -> bool:
+        """Apply one record; True when it completes a unit (every op but "data").
+
+        Raises ProtocolError for a malformed record, PathError for a refused path (nothing is
+        changed in either case), OSError when the replica could not be changed (retry later,
+        after `discard_stages`, from the first record of the unit).
+        """
+        handler = self._ops.get(op) if isinstance(op, str) else None
+        if handler is None:
+            raise ProtocolError(f"unknown op {op!r}: expected one of {', '.join(OPS)}")
+        if not isinstance(meta, dict):
+            raise ProtocolError(f"{op}: expected an object for meta, got {type(meta).__name__}")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ProtocolError(f"{op}: expected bytes for data, got {type(data).__name__}")
+        return handler(meta, data)
+
+    def discard_stages(self) -> None:
+        """Close and remove every half-built staged file (start-up, or before a retry)."""
+        for gid in list(self._stages):
+            self._drop(gid)
+        for tree in self.trees:
+            try:
+                tfd = open_dir(self.root, tree.rel)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            try:
+                try:
+                    sfd = os.open(self.stage_name, _DIR, dir_fd=tfd)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
+                    os.unlink(self.stage_name, dir_fd=tfd)  # a symlink where the stage belongs
+                    continue
+                try:
+                    for name in os.listdir(sfd):
+                        _remove_at(sfd, name)
+                finally:
+                    os.close(sfd)
+            finally:
+                os.close(tfd)
+
+    # -- ops -------------------------------------------------------------------------------
+    def _data(self, meta: dict[str, Any], data: bytes) -> bool:
+        path = self._path("data", meta)
+        gid = _int("data", meta, "gid")
+        offset = _int("data", meta, "offset", 0, MAX_OFFSET - len(data))
+        fresh = _bool("data", meta, "fresh")
+        stage = self._stages.get(gid)
+        if stage is not None and stage.path != path:
+            self._drop(gid)  # a group that never finished (its sender restarted); start again
+            stage = None
+        if stage is None:
+            stage = self._stages[gid] = self._new_stage(path, str(gid), fresh=fresh)
+        _pwrite_all(stage.fd, data, offset)
+        return False
+
+    def _file(self, meta: dict[str, Any], data: bytes) -> bool:
+        path = self._path("file", meta)
+        gid = _opt_int("file", meta, "gid")
+        size = _int("file", meta, "size", 0, MAX_OFFSET)
+        mode = _mode("file", meta)
+        mtime_ns = _int("file", meta, "mtime_ns")
+        fresh = _bool("file", meta, "fresh")
+        stage = self._stages.pop(gid, None) if gid is not None else None
+        if stage is not None and stage.path != path:
+            _close_stage(stage, unlink=True)
+            stage = None
+        if stage is None:
+            if not fresh and self._update_in_place(path, size, mode, mtime_ns):
+                return True
+            stage = self._new_stage(path, f"t{next(self._tmp)}", fresh=True)
+        self._commit(stage, size, mode, mtime_ns)
+        return True
+
+    def _mkdir(self, meta: dict[str, Any], data: bytes) -> bool:
+        path = self._path("mkdir", meta, allow_tree_root=True)
+        mode = _mode("mkdir", meta)
+        mtime_ns = _int("mkdir", meta, "mtime_ns")
+        tree = self._tree(path)
+        if path == tree.rel:
+            fd = open_dir(self.root, path, create=True)
+        else:
+            parent, name = makedirs_parent(self.root, path, trusted=tree.rel)
+            try:
+                fd = _open_or_make_dir(parent, name, mode)
+            finally:
+                os.close(parent)
+        try:
+            os.fchmod(fd, mode)
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+        finally:
+            os.close(fd)
+        return True
+
+    def _symlink(self, meta: dict[str, Any], data: bytes) -> bool:
+        path = self._path("symlink", meta)
+        target = meta.get("target")
+        if not isinstance(target, str) or not target or "\x00" in target or len(os.fsencode(target)) >= 4096:
+            raise ProtocolError("symlink.target: expected a non-empty string without NUL, under 4096 bytes")
+        mtime_ns = _int("symlink", meta, "mtime_ns")
+        tree = self._tree(path)
+        parent, name = makedirs_parent(self.root, path, trusted=tree.rel)
+        try:
+            sfd = self._stage_dir(tree)
+            try:
+                tmp = f"s{next(self._tmp)}"
+                _remove_at(sfd, tmp)
+                os.symlink(target, tmp, dir_fd=sfd)
+                try:
+                    _remove_dir_at(parent, name)  # rename cannot put a symlink over a directory
+                    os.rename(tmp, name, src_dir_fd=sfd, dst_dir_fd=parent)
+                except BaseException:
+                    _remove_at(sfd, tmp)
+                    raise
+            finally:
+                os.close(sfd)
+            os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=parent, follow_symlinks=False)
+            os.fsync(parent)
+        finally:
+            os.close(parent)
+        return True
+
+    def _delete(self, meta: dict[str, Any], data: bytes) -> bool:
+        path = self._path("delete", meta, allow_tree_root=True)
+        tree = self._tree(path)
+        if path == tree.rel:
+            for gid in [g for g, s in self._stages.items() if s.trusted == tree.rel]:
+                self._drop(gid)  # the stage dir goes with the tree
+        try:
+            parent, name = open_parent(self.root, path, trusted=tree.rel)
+        except FileNotFoundError:
+            return True
+        try:
+            _remove_at(parent, name)
+        finally:
+            os.close(parent)
+        return True
+
+    def _rename(self, meta: dict[str, Any], data: bytes) -> bool:
+        src = self._path("rename", meta)
+        dst = self._path("rename", meta, field="dst")
+        if src == dst:
+            return True
+        if dst.startswith(src + "/"):
+            raise PathError(dst, f"inside {src!r}, the path being renamed")
+        if src.startswith(dst + "/"):
+            raise PathError(dst, f"holds {src!r}, the path being renamed")
+        try:
+            sp, sn = open_parent(self.root, src, trusted=self._tree(src).rel)
+        except FileNotFoundError:
+            return True  # applied before (replay), or never here: nothing to move
+        try:
+            try:
+                st = os.stat(sn, dir_fd=sp, follow_symlinks=False)
+            except FileNotFoundError:
+                return True
+            dp, dn = makedirs_parent(self.root, dst, trusted=self._tree(dst).rel)
+            try:
+                try:
+                    dst_st = os.stat(dn, dir_fd=dp, follow_symlinks=False)
+                except FileNotFoundError:
+                    dst_st = None
+                if dst_st is not None and (stat.S_ISDIR(dst_st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                    _remove_at(dp, dn)  # rename(2) replaces only a non-directory or an empty one
+                os.rename(sn, dn, src_dir_fd=sp, dst_dir_fd=dp)
+                os.fsync(dp)
+                os.fsync(sp)
+            finally:
+                os.close(dp)
+        finally:
+            os.close(sp)
+        return True
+
+    def _attr(self, meta: dict[str, Any], data: bytes) -> bool:
+        path = self._path("attr", meta, allow_tree_root=True)
+        mode = _mode("attr", meta)
+        mtime_ns = _int("attr", meta, "mtime_ns")
+        tree = self._tree(path)
+        if path == tree.rel:
+            try:
+                fd = open_dir(self.root, path)
+            except (FileNotFoundError, NotADirectoryError):
+                return True
+            try:
+                os.fchmod(fd, mode)
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+            finally:
+                os.close(fd)
+            return True
+        try:
+            parent, name = open_parent(self.root, path, trusted=tree.rel)
+        except FileNotFoundError:
+            return True
+        try:
+            try:
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                return True
+            if not stat.S_ISLNK(st.st_mode):
+                # fchmodat cannot refuse a symlink on Linux; the lstat above says this is none,
+                # and nothing but apply writes to a passive's tree.
+                os.chmod(name, mode, dir_fd=parent)
+            os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(parent)
+        return True
+
+    # -- staging ---------------------------------------------------------------------------
+    def _new_stage(self, path: str, name: str, *, fresh: bool) -> _Stage:
+        """A stage file for `path`: empty when `fresh`, else a copy of the current target."""
+        tree = self._tree(path)
+        sfd = self._stage_dir(tree)
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=sfd)
+        except BaseException:
+            os.close(sfd)
+            raise
+        stage = _Stage(path, tree.rel, sfd, name, fd)
+        try:
+            if not fresh:
+                self._copy_target(stage)
+        except BaseException:
+            _close_stage(stage, unlink=True)
+            raise
+        return stage
+
+    def _copy_target(self, stage: _Stage) -> None:
+        """Copy the target into the stage if it is a regular file: clone, else data extents."""
+        try:
+            parent, name = open_parent(self.root, stage.path, trusted=stage.trusted)
+        except FileNotFoundError:
+            return
+        try:
+            src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                return  # missing, a symlink or a socket: the new version starts empty
+            raise
+        finally:
+            os.close(parent)
+        try:
+            st = os.fstat(src)
+            if stat.S_ISREG(st.st_mode):
+                _clone(src, stage.fd, st.st_size)
+        finally:
+            os.close(src)
+
+    def _commit(self, stage: _Stage, size: int, mode: int, mtime_ns: int) -> None:
+        """Finish the staged file and rename it over its target."""
+        try:
+            fd = stage.fd
+            os.ftruncate(fd, size)
+            os.fchmod(fd, mode)
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+            os.fsync(fd)
+            parent, name = makedirs_parent(self.root, stage.path, trusted=stage.trusted)
+            try:
+                _remove_dir_at(parent, name)
+                os.rename(stage.name, name, src_dir_fd=stage.dir_fd, dst_dir_fd=parent)
+                os.fsync(parent)
+            finally:
+                os.close(parent)
+        except BaseException:
+            _close_stage(stage, unlink=True)
+            raise
+        _close_stage(stage, unlink=False)
+
+    def _update_in_place(self, path: str, size: int, mode: int, mtime_ns: int) -> bool:
+        """Set size, mode and mtime of an existing regular file; False if there is none."""
+        tree = self._tree(path)
+        try:
+            parent, name = open_parent(self.root, path, trusted=tree.rel)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            if not stat.S_ISREG(st.st_mode):
+                return False
+            flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            flags |= os.O_WRONLY if st.st_size != size else os.O_RDONLY
+            fd = os.open(name, flags, dir_fd=parent)
+        finally:
+            os.close(parent)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            if st.st_size != size:
+                os.ftruncate(fd, size)
+            os.fchmod(fd, mode)
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+        finally:
+            os.close(fd)
+        return True
+
+    def _stage_dir(self, tree: "ProtectedTree") -> int:
+        """An fd of the tree's stage dir, created (mode 0700, with the tree) when missing."""
+        tfd = open_dir(self.root, tree.rel, create=True)
+        try:
+            for _ in range(3):
+                try:
+                    sfd = os.open(self.stage_name, _DIR, dir_fd=tfd)
+                except FileNotFoundError:
+                    try:
+                        os.mkdir(self.stage_name, 0o700, dir_fd=tfd)
+                    except FileExistsError:
+                        pass
+                    continue
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    os.unlink(self.stage_name, dir_fd=tfd)  # not ours: a symlink or a file
+                    continue
+                if stat.S_IMODE(os.fstat(sfd).st_mode) != 0o700:
+                    os.fchmod(sfd, 0o700)
+                return sfd
+        finally:
+            os.close(tfd)
+        raise FileNotFoundError(errno.ENOENT, "stage directory kept vanishing", f"{tree.rel}/{self.stage_name}")
+
+    def _drop(self, gid: int) -> None:
+        stage = self._stages.pop(gid, None)
+        if stage is not None:
+            _close_stage(stage, unlink=True)
+
+    # -- checks ----------------------------------------------------------------------------
+    def _path(self, op: str, meta: dict[str, Any], *, field: str = "path", allow_tree_root: bool = False) -> str:
+        if field not in meta:
+            raise ProtocolError(f"{op}.{field}: expected a path, got nothing")
+        return check_rel_path(meta[field], self.trees, allow_tree_root=allow_tree_root, stage_name=self.stage_name)
+
+    def _tree(self, path: str) -> "ProtectedTree":
+        tree = tree_of(path, self.trees)
+        if tree is None:  # check_rel_path has passed, so this cannot happen
+            raise PathError(path, "outside the protected set")
+        return tree
+
+
+# -- private helpers -----------------------------------------------------------------------
+
+def _int(op: str, meta: dict[str, Any], field: str, low: int | None = None, high: int | None = None) -> int:
+    value = meta.get(field)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"{op}.{field}: expected an integer, got {type(value).__name__}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ProtocolError(f"{op}.{field}: expected an integer in {low}..{high}, got {value}")
+    return value
+
+
+def _opt_int(op: str, meta: dict[str, Any], field: str) -> int | None:
+    if meta.get(field) is None:
+        return None
+    return _int(op, meta, field)
+
+
+def _mode(op: str, meta: dict[str, Any]) -> int:
+    return _int(op, meta, "mode", 0, 0o7777)
+
+
+def _bool(op: str, meta: dict[str, Any], field: str) -> bool:
+    value = meta.get(field)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{op}.{field}: expected true or false, got {type(value).__name__}")
+    return value
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def _clone(src: int, dst: int, size: int) -> None:
+    """Make `dst` a copy of `src`: a reflink where the file system can, else only the data
+    extents (holes stay holes), then the exact size."""
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+        return
+    except OSError:
+        pass
+    use_cfr = hasattr(os, "copy_file_range")
+    for start, end in data_extents(src, size):
+        pos = start
+        while pos < end:
+            n = min(_COPY_BYTES, end - pos)
+            if use_cfr:
+                try:
+                    done = os.copy_file_range(src, dst, n, pos, pos)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    use_cfr = False
+                    continue
+            else:
+                chunk = os.pread(src, n, pos)
+                _pwrite_all(dst, chunk, pos)
+                done = len(chunk)
+            if done == 0:
+                break  # the source shrank under us
+            pos += done
+    os.ftruncate(dst, size)
+
+
+def _open_or_make_dir(parent: int, name: str, mode: int) -> int:
+    """An fd of directory `name` in `parent`, made if missing, replacing a non-directory."""
+    for _ in range(3):
+        try:
+            return os.open(name, _DIR, dir_fd=parent)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            os.unlink(name, dir_fd=parent)
+        try:
+            os.mkdir(name, mode & 0o777 | 0o700, dir_fd=parent)
+        except FileExistsError:
+            pass
+    raise FileNotFoundError(errno.ENOENT, "directory kept changing while made", name)
+
+
+def _remove_at(parent: int, name: str) -> None:
+    """Remove `name` in `parent` whatever it is, a directory with all it holds; never follows
+    a symlink; missing is fine."""
+    try:
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=parent)
+    else:
+        try:
+            os.unlink(name, dir_fd=parent)
+        except FileNotFoundError:
+            pass
+
+
+def _remove_dir_at(parent: int, name: str) -> None:
+    """Remove `name` in `parent` if it is a directory (rename cannot replace one by a file)."""
+    try:
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=parent)
+
+
+def _close_stage(stage: _Stage, *, unlink: bool) -> None:
+    try:
+        os.close(stage.fd)
+    except OSError:
+        pass
+    if unlink:
+        try:
+            os.unlink(stage.name, dir_fd=stage.dir_fd)
+        except OSError:
+            pass
+    try:
+        os.close(stage.dir_fd)
+    except OSError:
+        pass

@@ -1,0 +1,194 @@
+"""Block hashes: xxh3-128 digests of fixed-size blocks, concatenated into one bytes object.
+
+Digest i (bytes 16*i .. 16*i+16) covers bytes [i*block_size, (i+1)*block_size) of the file; the
+last block is hashed at its real length. Holes are found with SEEK_DATA/SEEK_HOLE and given
+the digest of a zero block without being read, so a large sparse file hashes in the time its
+data takes. A block of zeros written out and a hole hash the same: they read the same.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import xxhash
+
+__all__ = ["DIGEST_SIZE", "zero_digest", "ZERO_DIGEST", "hash_file", "changed_blocks", "read_ranges",
+           "data_extents"]
+
+DIGEST_SIZE = 16
+
+#: Bytes read per pread while hashing (a whole number of blocks at least this large).
+_READ_BYTES = 4 << 20
+
+_digest = xxhash.xxh3_128_digest
+
+#: Digests of full zero blocks of every block size hashed so far (see `changed_blocks`).
+_zero_digests: set[bytes] = set()
+
+
+@functools.lru_cache(maxsize=64)
+def zero_digest(length: int) -> bytes:
+    """Digest of `length` zero bytes (a hole block, or a block written full of zeros)."""
+    d = _digest(bytes(length))
+    _zero_digests.add(d)
+    return d
+
+
+ZERO_DIGEST = zero_digest
+
+
+def hash_file(path_or_fd: int | str | Path, block_size: int) -> bytes:
+    """Digests of every block of a regular file, holes skipped without reading them.
+
+    Given an fd, reads with pread and leaves its offset where it was. A file that changes while it is
+    hashed gives digests of a mix of versions; capture sees the change and hashes it again.
+    """
+    if block_size <= 0:
+        raise ValueError("block_size must be positive")
+    if isinstance(path_or_fd, int):
+        pos = os.lseek(path_or_fd, 0, os.SEEK_CUR)
+        try:
+            return _hash_fd(path_or_fd, block_size)
+        finally:
+            os.lseek(path_or_fd, pos, os.SEEK_SET)  # SEEK_DATA/SEEK_HOLE moved it
+    fd = os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _hash_fd(fd, block_size)
+    finally:
+        os.close(fd)
+
+
+def changed_blocks(old: bytes | None, new: bytes, *, block_size: int | None = None) -> list[int]:
+    """Indices of blocks in `new` whose digest differs from `old`'s or that `old` lacks.
+
+    With `old` None (a fresh file) every block is sent except full zero blocks: the passive
+    creates a fresh file sparse (ftruncate to its size), so holes and zero blocks read as zeros
+    without being shipped. The zero digest is that of `block_size` when given, else of any block
+    size this process has hashed with (hash_file always computes it first).
+    """
+    n = len(new) // DIGEST_SIZE
+    if old is None:
+        zeros = {zero_digest(block_size)} if block_size else _zero_digests
+        return [i for i in range(n) if new[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] not in zeros]
+    m = len(old) // DIGEST_SIZE
+    out = [i for i in range(min(n, m))
+           if new[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] != old[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]]
+    out.extend(range(m, n))
+    return out
+
+
+def read_ranges(fd: int, indices: Sequence[int], block_size: int, size: int,
+                max_chunk: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, data) for the given blocks, contiguous blocks merged into chunks of at most
+    `max_chunk` bytes, read with pread; nothing past `size` (nor past the end of the file,
+    should it have shrunk since) is returned.
+    """
+    if max_chunk <= 0:
+        raise ValueError("max_chunk must be positive")
+    for first, count in _runs(sorted(indices)):
+        start = first * block_size
+        end = min((first + count) * block_size, size)
+        pos = start
+        while pos < end:
+            want = min(max_chunk, end - pos)
+            data = _pread_full(fd, want, pos)
+            if data:
+                yield pos, data
+            if len(data) < want:
+                break  # the file shrank: the rest of this run is gone
+            pos += want
+
+
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of the data regions of an open file up to `size`; one region if the file
+    system cannot tell holes from data."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return  # only a hole from here on
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                yield pos, size
+                return
+            raise
+        if start >= size:
+            return
+        try:
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # truncated under us
+                return
+            raise
+        end = min(end, size)
+        if end <= start:
+            return
+        yield start, end
+        pos = end
+
+
+# -- private ---------------------------------------------------------------------------------
+
+def _hash_fd(fd: int, block_size: int) -> bytes:
+    size = os.fstat(fd).st_size
+    n = -(-size // block_size)
+    if n == 0:
+        return b""
+    out = bytearray(zero_digest(block_size) * n)
+    tail = size - (n - 1) * block_size
+    if tail != block_size:  # a short last block in a hole: zeros of its own length
+        out[(n - 1) * DIGEST_SIZE :] = _digest(bytes(tail))
+    step = max(block_size, _READ_BYTES // block_size * block_size)
+    done = 0  # blocks below this index are hashed already
+    for start, end in data_extents(fd, size):
+        first = max(start // block_size, done)
+        last = -(-end // block_size)  # one past the last block this extent touches
+        pos = first * block_size
+        stop = min(last * block_size, size)
+        while pos < stop:
+            buf = _pread_full(fd, min(step, stop - pos), pos)
+            view = memoryview(buf)
+            for off in range(0, len(buf), block_size):
+                i = (pos + off) // block_size
+                out[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] = _digest(view[off : off + block_size])
+            if len(buf) < min(step, stop - pos):
+                return bytes(out)  # the file shrank while we read it
+            pos += len(buf)
+        done = last
+    return bytes(out)
+
+
+def _pread_full(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) == length or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """(first, count) of each run of consecutive indices (duplicates ignored)."""
+    first = prev = None
+    for i in indices:
+        if prev is not None and i == prev:
+            continue
+        if first is None:
+            first = prev = i
+        elif i == prev + 1:  # type: ignore[operator]
+            prev = i
+        else:
+            yield first, prev - first + 1  # type: ignore[operator]
+            first = prev = i
+    if first is not None:
+        yield first, prev - first + 1  # type: ignore[operator]

@@ -1,0 +1,95 @@
+"""The engine's client: how the CLI, the console and tests reach agents.
+
+Given a cluster.toml, the client finds the node configs beside it (the same directory, or one
+directory per node below it, as `nf init` and `nf demo` lay them out) and talks to each node's
+management socket. `ask_any` returns the first agent that answers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.config import NodeConfig, load_cluster, load_node
+from engine.errors import AgentUnreachable, ApiError, ConfigError, NfError
+
+DEFAULT_CONFIG = "/etc/nf/cluster.toml"
+
+
+@dataclass(frozen=True)
+class AgentAddress:
+    node: str
+    socket: Path
+
+
+def cluster_path(config: str | os.PathLike[str] | None) -> Path:
+    return Path(config or os.environ.get("NF_CONFIG") or DEFAULT_CONFIG)
+
+
+def find_agents(config: str | os.PathLike[str] | None) -> list[AgentAddress]:
+    path = cluster_path(config)
+    cluster = load_cluster(path)
+    found: list[AgentAddress] = []
+    for candidate in [path.parent / "node.toml", *sorted(path.parent.glob("*/node.toml"))]:
+        if candidate.exists():
+            node: NodeConfig = load_node(candidate, cluster)
+            found.append(AgentAddress(node.id, node.socket))
+    if not found:
+        raise ConfigError(str(path), "node.toml", "a node.toml beside the cluster config or in a node directory below it",
+                          hint="run nf on a cluster node, or point --config at the cluster.toml nf init wrote")
+    return found
+
+
+def request(sock: Path, op: str, timeout: float = 30.0, **args: Any) -> Any:
+    """One request to one agent; raises the agent's error as an NfError."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(sock))
+        except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
+            raise AgentUnreachable(f"agent socket {sock}: {exc.strerror or exc}") from None
+        s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                raise AgentUnreachable(f"agent socket {sock} closed the connection")
+            buf += chunk
+    answer = json.loads(buf)
+    if answer.get("ok"):
+        return answer.get("result")
+    err = answer.get("error") or {}
+    raise ApiError(err.get("message", "request failed"), hint=err.get("hint", ""), code=err.get("code"))
+
+
+def ask_any(config: str | os.PathLike[str] | None, op: str, timeout: float = 30.0, **args: Any) -> Any:
+    """Ask the first agent of the cluster that answers."""
+    errors: list[str] = []
+    for agent in find_agents(config):
+        try:
+            return request(agent.socket, op, timeout=timeout, **args)
+        except AgentUnreachable as exc:
+            errors.append(str(exc))
+    raise AgentUnreachable("no agent of the cluster answered: " + "; ".join(errors),
+                           hint="start the agents (nf agent --config NODE.toml, or nf demo up)")
+
+
+def ask_active(config: str | os.PathLike[str] | None, op: str, timeout: float = 600.0, **args: Any) -> Any:
+    """Ask the agent that is active; verify and other active-only work goes here."""
+    errors: list[str] = []
+    for agent in find_agents(config):
+        try:
+            status = request(agent.socket, "status", timeout=10)
+        except AgentUnreachable as exc:
+            errors.append(str(exc))
+            continue
+        if status.get("role") == "active":
+            return request(agent.socket, op, timeout=timeout, **args)
+    raise AgentUnreachable("no active agent of the cluster answered" + (": " + "; ".join(errors) if errors else ""),
+                           hint="nf status shows which node is active; run this on it")
+
+
+__all__ = ["AgentAddress", "NfError", "ask_active", "ask_any", "cluster_path", "find_agents", "request"]

@@ -1,0 +1,226 @@
+"""Turns captured changes into journal records on the active.
+
+Runs in a worker thread with its own database connection: hashing and reading blocks must
+never stall the event loop. Each change is journaled in one transaction, so a crash leaves
+either the whole new version of a file in the journal or none of it. `shipped` remembers the
+block hashes of the last journaled version of every path; only blocks whose hash differs from
+it are read and shipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.blocks import changed_blocks, hash_file, read_ranges
+from engine.capture import Change
+from engine.manifest import Entry, same, scan_tree
+
+if TYPE_CHECKING:
+    from engine.config import ProtectedTree, ReplicationSettings
+
+Record = tuple[str, dict[str, Any], bytes]
+
+GROUP_BYTES = 64 << 20
+
+
+class Journaler:
+    """Appends records for changes; used only from one worker thread at a time."""
+
+    def __init__(self, db: sqlite3.Connection, root: Path, trees: Sequence["ProtectedTree"],
+                 settings: "ReplicationSettings") -> None:
+        self.db = db
+        self.root = root
+        self.trees = tuple(trees)
+        self.block_size = settings.block_size
+        self.chunk = max(settings.block_size, min(4 << 20, settings.max_frame_bytes // 2))
+        self._count, self._pending_bytes = 0, 0
+
+    def process(self, changes: Iterable[Change]) -> int:
+        """Journal every change; returns the number of records appended.
+
+        Changes are committed in groups (one fsync per group rather than per file), and a
+        group never ends inside one change, so the journal holds whole versions only.
+        """
+        self._begin()
+        try:
+            for change in changes:
+                if change.kind == "examine":
+                    self._append(self._examine(change.path))
+                elif change.kind == "delete":
+                    self._append(self._delete(change.path))
+                elif change.kind == "move":
+                    assert change.dst is not None
+                    self._append(self._move(change.path, change.dst))
+                    if self._shipped(change.dst) is None:
+                        self.rescan(change.dst)
+                elif change.kind == "rescan":
+                    self.rescan(change.path)
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        count, self._count = self._count, 0
+        return count
+
+    def rescan(self, path: str) -> int:
+        """Compare a subtree with what was shipped and journal every difference."""
+        tree = self._tree_of(path)
+        if tree is None:
+            return 0
+        known = self._shipped_under(path)
+        only = None if path == tree.rel else path[len(tree.rel) + 1 :]
+        seen: set[str] = set()
+        count = 0
+        for entry in scan_tree(self.root, tree, block_size=self.block_size, with_hashes=True,
+                               reuse=known.get, only=only):
+            seen.add(entry.path)
+            old = known.get(entry.path)
+            if old is not None and same(old, entry):
+                continue
+            count += self._append(self._examine(entry.path))
+        gone = {p for p in known if p not in seen}
+        for p in sorted(gone):
+            if _has_ancestor_in(p, gone):
+                continue
+            count += self._append(self._delete(p))
+        return count
+
+    # -- per change -------------------------------------------------------------------
+    def _examine(self, path: str) -> Iterator[Record]:
+        full = self.root / path
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            return  # a delete or move event follows; nothing to ship now
+        old = self._shipped(path)
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            if old is None or old.kind != "dir" or old.mode != mode:
+                self._ship(Entry(path, "dir", mode, 0, st.st_mtime_ns))
+                yield "mkdir", {"path": path, "mode": mode, "mtime_ns": st.st_mtime_ns}, b""
+        elif stat.S_ISLNK(st.st_mode):
+            target = os.readlink(full)
+            if old is None or old.kind != "symlink" or old.target != target or old.mtime_ns != st.st_mtime_ns:
+                self._ship(Entry(path, "symlink", mode, 0, st.st_mtime_ns, target))
+                yield "symlink", {"path": path, "target": target, "mtime_ns": st.st_mtime_ns}, b""
+        elif stat.S_ISREG(st.st_mode):
+            yield from self._examine_file(path, full, old)
+
+    def _examine_file(self, path: str, full: Path, old: Entry | None) -> Iterator[Record]:
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+        except (FileNotFoundError, OSError):
+            return
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return
+            hashes = hash_file(fd, self.block_size)
+            fresh = old is None or old.kind != "file"
+            blocks = changed_blocks(None if fresh else old.hashes, hashes)  # type: ignore[union-attr]
+            mode = stat.S_IMODE(st.st_mode)
+            entry = Entry(path, "file", mode, st.st_size, st.st_mtime_ns, None, hashes)
+            if not fresh and not blocks and same(old, entry):  # type: ignore[arg-type]
+                return
+            gid = self._next_seq() if blocks else None
+            for offset, data in read_ranges(fd, blocks, self.block_size, st.st_size, self.chunk):
+                yield "data", {"path": path, "gid": gid, "offset": offset, "fresh": fresh}, data
+            self._ship(entry)
+            yield "file", {"path": path, "gid": gid, "size": st.st_size, "mode": mode,
+                           "mtime_ns": st.st_mtime_ns, "fresh": fresh}, b""
+        finally:
+            os.close(fd)
+
+    def _delete(self, path: str) -> Iterator[Record]:
+        self.db.execute("DELETE FROM shipped WHERE path = ? OR path LIKE ? ESCAPE '\\'", (path, _under(path)))
+        yield "delete", {"path": path}, b""
+
+    def _move(self, src: str, dst: str) -> Iterator[Record]:
+        db = self.db
+        db.execute("DELETE FROM shipped WHERE path = ? OR path LIKE ? ESCAPE '\\'", (dst, _under(dst)))
+        db.execute("UPDATE shipped SET path = ? WHERE path = ?", (dst, src))
+        db.execute(
+            "UPDATE shipped SET path = ? || substr(path, ?) WHERE path LIKE ? ESCAPE '\\'",
+            (dst, len(src) + 1, _under(src)),
+        )
+        yield "rename", {"path": src, "dst": dst}, b""
+
+    # -- storage ----------------------------------------------------------------------
+    def _begin(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        self._count, self._pending_bytes = 0, 0
+
+    def _append(self, records: Iterator[Record]) -> int:
+        """Append one change's records; commit the group first if it has grown large."""
+        if self._pending_bytes > GROUP_BYTES:
+            self.db.execute("COMMIT")
+            self._begin_keep_count()
+        n = 0
+        now = time.time()
+        for op, meta, data in records:
+            self.db.execute(
+                "INSERT INTO journal(op, meta, data, size, ts) VALUES(?,?,?,?,?)",
+                (op, json.dumps(meta, separators=(",", ":")), data, len(data) + 64, now),
+            )
+            n += 1
+            self._pending_bytes += len(data) + 64
+        self._count += n
+        return n
+
+    def _begin_keep_count(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        self._pending_bytes = 0
+
+    def _next_seq(self) -> int:
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='journal'").fetchone()
+        return (int(row[0]) if row else 0) + 1
+
+    def _ship(self, e: Entry) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO shipped(path, kind, mode, size, mtime_ns, target, hashes) VALUES(?,?,?,?,?,?,?)",
+            (e.path, e.kind, e.mode, e.size, e.mtime_ns, e.target, e.hashes),
+        )
+
+    def _shipped(self, path: str) -> Entry | None:
+        row = self.db.execute(
+            "SELECT path, kind, mode, size, mtime_ns, target, hashes FROM shipped WHERE path = ?", (path,)
+        ).fetchone()
+        return _entry(row) if row else None
+
+    def _shipped_under(self, path: str) -> dict[str, Entry]:
+        rows = self.db.execute(
+            "SELECT path, kind, mode, size, mtime_ns, target, hashes FROM shipped WHERE path = ? OR path LIKE ? ESCAPE '\\'",
+            (path, _under(path)),
+        )
+        return {row[0]: _entry(row) for row in rows}
+
+    def _tree_of(self, path: str) -> "ProtectedTree | None":
+        for tree in self.trees:
+            if path == tree.rel or path.startswith(tree.rel + "/"):
+                return tree
+        return None
+
+
+def _entry(row: tuple[Any, ...]) -> Entry:
+    path, kind, mode, size, mtime_ns, target, hashes = row
+    return Entry(path, kind, mode, size, mtime_ns, target, bytes(hashes) if hashes is not None else None)
+
+
+def _under(path: str) -> str:
+    escaped = path.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "/%"
+
+
+def _has_ancestor_in(path: str, pool: set[str]) -> bool:
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    while parent:
+        if parent in pool:
+            return True
+        parent = parent.rsplit("/", 1)[0] if "/" in parent else ""
+    return False

@@ -1,0 +1,121 @@
+"""Channel framing: one message = a JSON header plus an optional binary payload.
+
+Wire format of a frame::
+
+    u32 frame_len | u8 flags | u32 header_len | header (UTF-8 JSON) | payload
+
+`frame_len` counts everything after itself and is checked against the limit *before*
+anything is read, so a hostile or broken peer cannot make us allocate without bound.
+Bit 0 of `flags` marks a zstd-compressed payload. Every header carries `t` (the message
+type) and `epoch` (the sender's epoch: the fencing token).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import zstandard
+
+from engine.errors import ProtocolError
+
+FLAG_ZSTD = 0x01
+_HEAD = struct.Struct(">IBI")
+HEADER_MAX = 1 << 20
+MIN_COMPRESS = 512
+
+
+@dataclass
+class Message:
+    """A decoded frame."""
+
+    type: str
+    epoch: int
+    fields: dict[str, Any] = field(default_factory=dict)
+    payload: bytes = b""
+
+    def get(self, name: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
+        """A header field of the expected type, or a ProtocolError naming it."""
+        if name not in self.fields:
+            if optional:
+                return None
+            raise ProtocolError(f"{self.type}.{name}: missing")
+        value = self.fields[name]
+        if optional and value is None:
+            return None
+        if isinstance(value, bool) and kind is int:
+            raise ProtocolError(f"{self.type}.{name}: expected int, got bool")
+        if not isinstance(value, kind):
+            raise ProtocolError(f"{self.type}.{name}: expected {_kind_name(kind)}, got {type(value).__name__}")
+        return value
+
+
+class Codec:
+    """Encodes and decodes frames with one compression setting and one size limit."""
+
+    def __init__(self, *, max_frame: int, compression: str = "zstd", level: int = 3) -> None:
+        self.max_frame = max_frame
+        self.compress = compression == "zstd"
+        self._cctx = zstandard.ZstdCompressor(level=level)
+        self._dctx = zstandard.ZstdDecompressor()
+
+    def encode(self, type_: str, epoch: int, fields: dict[str, Any] | None = None, payload: bytes = b"") -> bytes:
+        header = dict(fields or {})
+        header["t"] = type_
+        header["epoch"] = epoch
+        raw_header = json.dumps(header, separators=(",", ":")).encode()
+        flags = 0
+        if self.compress and len(payload) >= MIN_COMPRESS:
+            packed = self._cctx.compress(payload)
+            if len(packed) < len(payload):
+                payload, flags = packed, FLAG_ZSTD
+        frame_len = 1 + 4 + len(raw_header) + len(payload)
+        if frame_len > self.max_frame + HEADER_MAX:
+            raise ProtocolError(f"frame of {frame_len} bytes exceeds the limit of {self.max_frame}")
+        return _HEAD.pack(frame_len, flags, len(raw_header)) + raw_header + payload
+
+    async def read(self, reader: asyncio.StreamReader) -> Message:
+        """Read one frame; raises IncompleteReadError at a clean end of stream."""
+        head = await reader.readexactly(4)
+        (frame_len,) = struct.unpack(">I", head)
+        if frame_len > self.max_frame + HEADER_MAX or frame_len < 5:
+            raise ProtocolError(f"frame length {frame_len} outside 5..{self.max_frame + HEADER_MAX}")
+        body = await reader.readexactly(frame_len)
+        return self.decode_body(body)
+
+    def decode_body(self, body: bytes) -> Message:
+        flags = body[0]
+        (header_len,) = struct.unpack(">I", body[1:5])
+        if header_len > HEADER_MAX or 5 + header_len > len(body):
+            raise ProtocolError(f"header length {header_len} invalid")
+        try:
+            header = json.loads(body[5 : 5 + header_len])
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ProtocolError(f"header is not JSON: {exc}") from None
+        if not isinstance(header, dict):
+            raise ProtocolError("header: expected a JSON object")
+        type_ = header.pop("t", None)
+        epoch = header.pop("epoch", None)
+        if not isinstance(type_, str):
+            raise ProtocolError("t: expected the message type as a string")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ProtocolError(f"{type_}.epoch: expected a non-negative int")
+        payload = body[5 + header_len :]
+        if flags & FLAG_ZSTD:
+            try:
+                payload = self._dctx.decompress(payload, max_output_size=self.max_frame)
+            except zstandard.ZstdError as exc:
+                raise ProtocolError(f"{type_}: payload does not decompress: {exc}") from None
+            if len(payload) > self.max_frame:
+                raise ProtocolError(f"{type_}: payload exceeds {self.max_frame} bytes")
+        elif flags & ~FLAG_ZSTD:
+            raise ProtocolError(f"{type_}: unknown flags {flags:#x}")
+        return Message(type_, epoch, header, payload)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return kind.__name__

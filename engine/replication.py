@@ -1,0 +1,453 @@
+"""Replication over one link: the active's sender and the passive's receiver.
+
+The sender streams journal records in batches (one frame, one receive-queue transaction, one
+ack), keeps a bounded window of unacknowledged bytes, and before streaming brings a passive
+with unknown or stale state level by block hashes (`engine.sync`). The receiver appends every
+batch to its durable receive queue, acks *received*, applies in order in a worker thread and
+acks *applied* once the applied position is committed.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.apply import Applier
+from engine.channel import Link
+from engine.errors import NfError, PathError, ProtocolError
+from engine.manifest import Entry, scan_tree
+from engine.protocol import Message
+from engine.state import JournalRecord, State
+from engine.sync import Difference, diff, repair_records
+
+if TYPE_CHECKING:
+    from engine.config import ClusterConfig, NodeConfig
+
+log = logging.getLogger("nf.replication")
+
+BATCH_RECORDS = 512
+BATCH_BYTES = 4 << 20
+WINDOW_BYTES = 64 << 20
+MANIFEST_CHUNK = 2000
+
+Record = tuple[str, dict[str, Any], bytes]
+
+
+def pack_batch(records: list[tuple[int | None, str, dict[str, Any], bytes, float]]) -> tuple[dict[str, Any], bytes]:
+    """Header fields and payload of a `recs` frame."""
+    heads = []
+    for seq, op, meta, data, ts in records:
+        heads.append({"seq": seq, "op": op, "meta": meta, "len": len(data), "ts": ts})
+    return {"records": heads}, b"".join(r[3] for r in records)
+
+
+def unpack_batch(msg: Message) -> list[tuple[int | None, str, dict[str, Any], bytes, float]]:
+    heads = msg.get("records", list)
+    out = []
+    pos = 0
+    for i, h in enumerate(heads):
+        if not isinstance(h, dict):
+            raise ProtocolError(f"recs.records[{i}]: expected an object")
+        seq, op, meta, n, ts = h.get("seq"), h.get("op"), h.get("meta"), h.get("len"), h.get("ts")
+        if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq <= 0):
+            raise ProtocolError(f"recs.records[{i}].seq: expected a positive int or null")
+        if not isinstance(op, str):
+            raise ProtocolError(f"recs.records[{i}].op: expected a string")
+        if not isinstance(meta, dict):
+            raise ProtocolError(f"recs.records[{i}].meta: expected an object")
+        if not isinstance(n, int) or n < 0 or pos + n > len(msg.payload):
+            raise ProtocolError(f"recs.records[{i}].len: expected a length inside the payload")
+        if not isinstance(ts, (int, float)):
+            raise ProtocolError(f"recs.records[{i}].ts: expected a number")
+        out.append((seq, op, meta, msg.payload[pos : pos + n], float(ts)))
+        pos += n
+    if pos != len(msg.payload):
+        raise ProtocolError("recs: payload longer than its records")
+    return out
+
+
+class ManifestWaiter:
+    """Collects the chunks of manifests a peer sends back, by request id."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[list[Entry], asyncio.Future[list[Entry]]]] = {}
+
+    def new(self) -> tuple[int, asyncio.Future[list[Entry]]]:
+        rid = next(self._ids)
+        fut: asyncio.Future[list[Entry]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = ([], fut)
+        return rid, fut
+
+    def on_message(self, msg: Message) -> None:
+        rid = msg.get("id", int)
+        if rid not in self._pending:
+            return
+        entries, fut = self._pending[rid]
+        if msg.type == "manifest":
+            entries.extend(Entry.from_json(e) for e in json.loads(msg.payload or b"[]"))
+            return
+        del self._pending[rid]
+        error = msg.get("error", str, optional=True)
+        if fut.done():
+            return
+        if error:
+            fut.set_exception(NfError(f"peer could not list its tree: {error}"))
+        else:
+            fut.set_result(entries)
+
+    def fail_all(self, exc: BaseException) -> None:
+        for _, fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._pending.clear()
+
+
+@dataclass
+class PeerProgress:
+    """What the active knows of one passive, kept in memory and persisted on ack."""
+
+    node: str
+    acked_received: int = 0
+    acked_applied: int = 0
+    journal_id: str | None = None
+    syncing: bool = False
+    synced_paths: int = 0
+    sync_total: int = 0
+    ack_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Sender:
+    """The active's side of one link to a passive."""
+
+    def __init__(self, link: Link, state: State, cluster: "ClusterConfig", node: "NodeConfig",
+                 progress: PeerProgress, journal_id: str, wake: Callable[[], asyncio.Event],
+                 manifests: ManifestWaiter, on_event: Callable[..., None]) -> None:
+        self.link = link
+        self.state = state
+        self.cluster = cluster
+        self.node = node
+        self.progress = progress
+        self.journal_id = journal_id
+        self.wake = wake
+        self.manifests = manifests
+        self.on_event = on_event
+        self.db = state.connect()
+        self.settings = cluster.replication
+        self.chunk = max(self.settings.block_size, min(4 << 20, self.settings.max_frame_bytes // 2))
+        self.inflight: list[tuple[int, int]] = []
+
+    async def run(self) -> None:
+        hello = self.link.hello
+        applied = hello.get("applied_seq", 0)
+        source = hello.get("journal_id")
+        p = self.progress
+        start = self._start_position(applied if isinstance(applied, int) else 0, source)
+        if start is None:
+            head = await self._journal_head()
+            await self.sync([t.rel for t in self.cluster.protected], head, reason="initial sync")
+            start = head
+        else:
+            dirty = self.state.db.execute("SELECT path FROM dirty WHERE node=?", (p.node,)).fetchall()
+            if dirty:
+                head = await self._journal_head()
+                await self.sync(sorted({d[0] for d in dirty}), head, reason="dirty-path resync")
+                self.state.db.execute("DELETE FROM dirty WHERE node=?", (p.node,))
+                start = head
+        await self.stream(start)
+
+    def _start_position(self, applied: int, source: str | None) -> int | None:
+        """Where streaming can resume, or None when the passive needs a sync first."""
+        if source != self.journal_id:
+            return None
+        lowest = self.db.execute("SELECT MIN(seq) FROM journal").fetchone()[0]
+        head = self.state.journal_head()
+        if applied > head:
+            return None
+        if lowest is not None and applied < lowest - 1:
+            has_dirty = self.db.execute("SELECT 1 FROM dirty WHERE node=? LIMIT 1", (self.progress.node,)).fetchone()
+            if not has_dirty:
+                return None
+            return max(applied, self.progress.acked_applied)
+        return applied
+
+    async def _journal_head(self) -> int:
+        return self.state.journal_head()
+
+    async def stream(self, cursor: int) -> None:
+        wake = self.wake()
+        while not self.link.closed:
+            wake.clear()
+            batch = await asyncio.to_thread(_journal_batch, self.db, cursor)
+            if not batch:
+                await wake.wait()
+                continue
+            await self._send([(r.seq, r.op, r.meta, r.data, r.ts) for r in batch])
+            cursor = batch[-1].seq or cursor
+
+    async def sync(self, paths: list[str], head: int, *, reason: str) -> list[Difference]:
+        """Bring the passive level for these subtrees, then mark it level at journal `head`."""
+        p = self.progress
+        p.syncing, p.synced_paths, p.sync_total = True, 0, len(paths)
+        self.on_event("info", "sync_started", f"{reason} of {p.node}: {len(paths)} tree(s), journal at {head}")
+        t0 = time.monotonic()
+        total: list[Difference] = []
+        try:
+            for path in paths:
+                differences = await self.compare(path)
+                total.extend(differences)
+                await self.send_repairs(differences)
+                p.synced_paths += 1
+            await self._send([(None, "level", {"journal_id": self.journal_id, "head": head}, b"", time.time())])
+        finally:
+            p.syncing = False
+        self.on_event("info", "sync_done",
+                      f"{reason} of {p.node} sent {len(total)} difference(s) in {time.monotonic() - t0:.1f} s")
+        return total
+
+    async def compare(self, path: str) -> list[Difference]:
+        """Differences between the active and this passive under one path."""
+        rid, fut = self.manifests.new()
+        await self.link.send("manifest_req", {"id": rid, "path": path})
+        mine = await asyncio.to_thread(_scan, self.node.root, self.cluster, path, self.settings.block_size, self.db)
+        theirs = await fut
+        return diff(mine, {e.path: e for e in theirs})
+
+    async def send_repairs(self, differences: list[Difference]) -> None:
+        if not differences:
+            return
+        gen = repair_records(self.node.root, differences, block_size=self.settings.block_size, chunk=self.chunk)
+        while True:
+            batch = await asyncio.to_thread(_take, gen)
+            if not batch:
+                return
+            now = time.time()
+            await self._send([(None, op, meta, data, now) for op, meta, data in batch])
+
+    async def _send(self, records: list[tuple[int | None, str, dict[str, Any], bytes, float]]) -> None:
+        fields, payload = pack_batch(records)
+        last = max((r[0] for r in records if r[0] is not None), default=None)
+        while self.inflight and sum(n for _, n in self.inflight) > WINDOW_BYTES and not self.link.closed:
+            self.progress.ack_event.clear()
+            await self.progress.ack_event.wait()
+            self._trim_inflight()
+        if last is not None:
+            fields["last"] = last
+        await self.link.send("recs", fields, payload)
+        if last is not None:
+            self.inflight.append((last, len(payload)))
+
+    def _trim_inflight(self) -> None:
+        received = self.progress.acked_received
+        self.inflight = [(s, n) for s, n in self.inflight if s > received]
+
+
+class Receiver:
+    """The passive's side: durable receive queue, ordered apply, acks."""
+
+    def __init__(self, state: State, cluster: "ClusterConfig", node: "NodeConfig",
+                 on_event: Callable[..., None]) -> None:
+        self.state = state
+        self.cluster = cluster
+        self.node = node
+        self.on_event = on_event
+        self.db = state.connect()
+        self.apply_db = state.connect()
+        self.applier = Applier(node.root, cluster.protected)
+        self.applier.discard_stages()
+        self.queued = asyncio.Event()
+        self.applied_event = asyncio.Event()
+        self.received_seq = state.get_int("received_seq", state.get_int("applied_seq"))
+        self.link: Link | None = None
+        self.last_error = ""
+        self._pos = 0
+        self._done_seq = state.get_int("applied_seq")
+        self._done_id = 0
+        self.refused = 0
+
+    @property
+    def applied_seq(self) -> int:
+        return self.state.get_int("applied_seq")
+
+    @property
+    def journal_id(self) -> str | None:
+        return self.state.get("source_journal_id")
+
+    async def on_recs(self, msg: Message) -> None:
+        records = unpack_batch(msg)
+        await asyncio.to_thread(_enqueue, self.db, records)
+        last = msg.get("last", int, optional=True)
+        if last is not None:
+            self.received_seq = max(self.received_seq, last)
+        self.queued.set()
+        await self._ack()
+
+    async def _ack(self) -> None:
+        if self.link is not None and not self.link.closed:
+            try:
+                await self.link.send("ack", {"received": self.received_seq, "applied": self._done_seq})
+            except (ConnectionError, OSError):
+                pass
+
+    async def on_manifest_req(self, link: Link, msg: Message) -> None:
+        rid = msg.get("id", int)
+        path = msg.get("path", str)
+        await self.drained()
+        try:
+            entries = await asyncio.to_thread(_scan_passive, self.node.root, self.cluster, path,
+                                              self.cluster.replication.block_size)
+        except (NfError, OSError) as exc:
+            await link.send("manifest_end", {"id": rid, "error": str(exc)})
+            return
+        for i in range(0, len(entries), MANIFEST_CHUNK):
+            part = [e.to_json() for e in entries[i : i + MANIFEST_CHUNK]]
+            await link.send("manifest", {"id": rid}, json.dumps(part).encode())
+        await link.send("manifest_end", {"id": rid})
+
+    async def drained(self) -> None:
+        while self.state.db.execute("SELECT 1 FROM recvq LIMIT 1").fetchone():
+            self.applied_event.clear()
+            await self.applied_event.wait()
+
+    async def apply_forever(self) -> None:
+        self._pos = 0
+        while True:
+            self.queued.clear()
+            progressed = await asyncio.to_thread(self._apply_batch)
+            if progressed:
+                self.applied_event.set()
+                await self._ack()
+                continue
+            await self.queued.wait()
+
+    def _apply_batch(self) -> bool:
+        """Apply queued records for up to ~100 ms, then commit the applied position once."""
+        db = self.apply_db
+        rows = db.execute(
+            "SELECT id, seq, op, meta, data FROM recvq WHERE id > ? ORDER BY id LIMIT 2000", (self._pos,)
+        ).fetchall()
+        if not rows:
+            return False
+        deadline = time.monotonic() + 0.1
+        done_id, done_seq, journal_id = self._done_id, self._done_seq, None
+        for rid, seq, op, meta_json, data in rows:
+            self._pos = rid
+            meta = json.loads(meta_json)
+            try:
+                if op == "level":
+                    done_seq, journal_id, complete = int(meta["head"]), str(meta["journal_id"]), True
+                else:
+                    complete = self.applier.apply(op, meta, bytes(data))
+            except (PathError, ProtocolError) as exc:
+                self.refused += 1
+                self.last_error = str(exc)
+                log.warning("refused record %s: %s", seq, exc)
+                self.state_event("warning", "record_refused", f"refused record {op} {seq}: {exc}")
+                complete = True
+            except OSError as exc:
+                self.last_error = f"apply {op} {meta.get('path')}: {exc}"
+                log.error("%s", self.last_error)
+                self._pos = done_id
+                self.applier.discard_stages()
+                time.sleep(0.2)
+                break
+            if complete:
+                done_id = rid
+                if seq is not None:
+                    done_seq = seq
+            if time.monotonic() > deadline:
+                break
+        if done_id == self._done_id:
+            return True  # a unit still in progress, or a retry after an I/O error
+        os.sync()
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("DELETE FROM recvq WHERE id <= ?", (done_id,))
+        values = [("applied_seq", str(done_seq))]
+        if journal_id is not None:
+            values.append(("source_journal_id", journal_id))
+        db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", values)
+        db.execute("COMMIT")
+        self._done_id, self._done_seq = done_id, done_seq
+        return True
+
+    def state_event(self, level: str, kind: str, message: str) -> None:
+        try:
+            self.apply_db.execute(
+                "INSERT INTO events(ts, level, kind, message) VALUES(?,?,?,?)", (time.time(), level, kind, message)
+            )
+        except sqlite3.Error:
+            pass
+
+
+def _enqueue(db: sqlite3.Connection, records: list[tuple[int | None, str, dict[str, Any], bytes, float]]) -> None:
+    db.execute("BEGIN IMMEDIATE")
+    db.executemany(
+        "INSERT INTO recvq(seq, op, meta, data, size, ts) VALUES(?,?,?,?,?,?)",
+        [(seq, op, json.dumps(meta), data, len(data) + 64, ts) for seq, op, meta, data, ts in records],
+    )
+    last = max((r[0] for r in records if r[0] is not None), default=None)
+    if last is not None:
+        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('received_seq', ?)", (str(last),))
+    db.execute("COMMIT")
+
+
+def _journal_batch(db: sqlite3.Connection, cursor: int) -> list[JournalRecord]:
+    out: list[JournalRecord] = []
+    total = 0
+    for s, op, meta, data, ts in db.execute(
+        "SELECT seq, op, meta, data, ts FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, BATCH_RECORDS)
+    ):
+        out.append(JournalRecord(s, op, json.loads(meta), bytes(data), ts))
+        total += len(data)
+        if total >= BATCH_BYTES:
+            break
+    return out
+
+
+def _take(gen: Iterator[Record]) -> list[Record]:
+    out: list[Record] = []
+    total = 0
+    for rec in gen:
+        out.append(rec)
+        total += len(rec[2])
+        if len(out) >= BATCH_RECORDS or total >= BATCH_BYTES:
+            break
+    return out
+
+
+def _tree_for(cluster: "ClusterConfig", path: str):  # type: ignore[no-untyped-def]
+    for tree in cluster.protected:
+        if path == tree.rel or path.startswith(tree.rel + "/"):
+            return tree
+    raise PathError(path, "outside the protected set")
+
+
+def _scan(root: Path, cluster: "ClusterConfig", path: str, block_size: int, db: sqlite3.Connection) -> dict[str, Entry]:
+    """The active's manifest of a subtree, reusing shipped hashes where size and mtime match."""
+    tree = _tree_for(cluster, path)
+    only = None if path == tree.rel else path[len(tree.rel) + 1 :]
+
+    def reuse(p: str) -> Entry | None:
+        row = db.execute("SELECT path, kind, mode, size, mtime_ns, target, hashes FROM shipped WHERE path=?", (p,)).fetchone()
+        if row is None:
+            return None
+        return Entry(row[0], row[1], row[2], row[3], row[4], row[5], bytes(row[6]) if row[6] is not None else None)
+
+    return {e.path: e for e in scan_tree(root, tree, block_size=block_size, with_hashes=True, reuse=reuse, only=only)}
+
+
+def _scan_passive(root: Path, cluster: "ClusterConfig", path: str, block_size: int) -> list[Entry]:
+    from engine.paths import check_rel_path
+
+    check_rel_path(path, cluster.protected, allow_tree_root=True)
+    tree = _tree_for(cluster, path)
+    only = None if path == tree.rel else path[len(tree.rel) + 1 :]
+    return list(scan_tree(root, tree, block_size=block_size, with_hashes=True, only=only))

@@ -1,0 +1,136 @@
+"""The agent's durable state: one SQLite file under the node's state directory.
+
+WAL with synchronous=FULL: a commit that returned is on disk, which is what lets the active
+promise that journaled records survive its crash and the passive that acked-applied records
+survive its own. Each thread opens its own connection (`State.connect`); nothing outside the
+engine opens this file.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Blobs go last in every row: SQLite reads a row's columns in order, so a column after a blob
+# would make every COUNT/SUM over the queue walk the blob's overflow pages.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL, meta TEXT NOT NULL, size INTEGER NOT NULL, ts REAL NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS shipped (
+    path TEXT PRIMARY KEY, kind TEXT NOT NULL, mode INTEGER NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, target TEXT, hashes BLOB);
+CREATE TABLE IF NOT EXISTS peers (
+    node TEXT PRIMARY KEY, journal_id TEXT, acked_received INTEGER NOT NULL DEFAULT 0,
+    acked_applied INTEGER NOT NULL DEFAULT 0, resync INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS dirty (node TEXT NOT NULL, path TEXT NOT NULL, PRIMARY KEY (node, path));
+CREATE TABLE IF NOT EXISTS recvq (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, seq INTEGER, op TEXT NOT NULL, meta TEXT NOT NULL,
+    size INTEGER NOT NULL, ts REAL NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, level TEXT NOT NULL,
+    kind TEXT NOT NULL, message TEXT NOT NULL, data TEXT);
+"""
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    seq: int | None
+    op: str
+    meta: dict[str, Any]
+    data: bytes
+    ts: float
+
+
+class State:
+    """Opens connections to the node's state database and holds the small typed accessors."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = state_dir / "state.db"
+        self.db = self.connect()
+        self.db.executescript(SCHEMA)
+
+    def connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        return db
+
+    # -- meta -------------------------------------------------------------------------
+    def get(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def get_int(self, key: str, default: int = 0) -> int:
+        value = self.get(key)
+        return int(value) if value is not None else default
+
+    def put(self, **values: object) -> None:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany(
+                "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                [(k, str(v)) for k, v in values.items()],
+            )
+
+    # -- events -----------------------------------------------------------------------
+    def event(self, level: str, kind: str, message: str, **data: object) -> None:
+        self.db.execute(
+            "INSERT INTO events(ts, level, kind, message, data) VALUES(?,?,?,?,?)",
+            (time.time(), level, kind, message, json.dumps(data) if data else None),
+        )
+
+    def events(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT ts, level, kind, message, data FROM events ORDER BY id DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [
+            {"ts": ts, "level": level, "kind": kind, "message": msg, "data": json.loads(d) if d else {}}
+            for ts, level, kind, msg, d in rows
+        ]
+
+    # -- journal (active) -------------------------------------------------------------
+    def journal_head(self) -> int:
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='journal'").fetchone()
+        return int(row[0]) if row else 0
+
+    def journal_after(self, seq: int, limit: int = 256, max_bytes: int = 8 << 20) -> list[JournalRecord]:
+        out: list[JournalRecord] = []
+        total = 0
+        for s, op, meta, data, ts in self.db.execute(
+            "SELECT seq, op, meta, data, ts FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+        ):
+            out.append(JournalRecord(s, op, json.loads(meta), bytes(data), ts))
+            total += len(data)
+            if total >= max_bytes:
+                break
+        return out
+
+    def journal_backlog(self, seq: int) -> tuple[int, int, float | None]:
+        """Records, bytes and the oldest timestamp of the journal after `seq`."""
+        n, size, ts = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(ts) FROM journal WHERE seq > ?", (seq,)
+        ).fetchone()
+        return int(n), int(size), ts
+
+    def journal_paths_after(self, seq: int) -> set[str]:
+        paths: set[str] = set()
+        for (meta,) in self.db.execute("SELECT meta FROM journal WHERE seq > ?", (seq,)):
+            m = json.loads(meta)
+            paths.add(m["path"])
+            if m.get("dst"):
+                paths.add(m["dst"])
+        return paths
+
+    def truncate_journal(self, upto: int) -> None:
+        self.db.execute("DELETE FROM journal WHERE seq <= ?", (upto,))
+
+    # -- receive queue (passive) ------------------------------------------------------
+    def recvq_stats(self) -> tuple[int, int, float | None]:
+        n, size, ts = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(ts) FROM recvq").fetchone()
+        return int(n), int(size), ts

@@ -1,0 +1,3 @@
+from nftui.cli import main
+
+main()

@@ -1,0 +1,23 @@
+"""The `nf` command: wires one sub-app per noun; the commands live in nftui.commands."""
+from __future__ import annotations
+
+import typer
+
+from nftui.commands import agent, demo, init, status, verify
+
+app = typer.Typer(
+    name="nf",
+    help="nf: clone-based high availability for Linux servers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command()(agent.agent)
+app.command()(init.init)
+app.command()(status.status)
+app.command()(verify.verify)
+app.add_typer(demo.app, name="demo")
+
+
+def main() -> None:
+    app()

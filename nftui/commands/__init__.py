@@ -1,0 +1,1 @@
+"""One module per noun; each defines a typer app or plain commands."""

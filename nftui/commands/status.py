@@ -1,0 +1,68 @@
+"""`nf status`: one line per node, from whichever agent of the cluster answers."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.live import Live
+from rich.table import Table
+
+from engine import client
+from nftui.options import ConfigOpt, JsonOpt, WatchOpt
+from nftui.output import console, errors, print_json
+
+
+def status(config: ConfigOpt = None, json: JsonOpt = False, watch: WatchOpt = False) -> None:
+    """Show every node: role, connection, queues, applied sequence and replication lag."""
+    with errors(json):
+        doc = client.ask_any(config, "status")
+        if json and not watch:
+            print_json(doc)
+            return
+        if json:
+            while True:
+                print_json(doc)
+                time.sleep(1)
+                doc = client.ask_any(config, "status")
+        if not watch:
+            console.print(render(doc))
+            return
+        with Live(render(doc), console=console, refresh_per_second=2) as live:
+            try:
+                while True:
+                    time.sleep(1)
+                    live.update(render(client.ask_any(config, "status")))
+            except KeyboardInterrupt:
+                pass
+
+
+def render(doc: dict[str, Any]) -> Table:
+    table = Table(title=f"cluster {doc['cluster']} · epoch {doc['epoch']} · answered by {doc['answered_by']}",
+                  title_justify="left")
+    for col in ("node", "role", "connected", "send queue", "receive queue", "applied seq", "lag", "last error"):
+        table.add_column(col, justify="right" if col in ("applied seq", "lag") else "left")
+    for n in doc["nodes"]:
+        role = n["role"]
+        style = "bold green" if role == "active" else "cyan" if role == "passive" else "red"
+        state = "[green]yes[/]" if n["connected"] else "[red]no[/]"
+        if n.get("syncing"):
+            state += " [yellow]syncing[/]"
+        table.add_row(
+            n["id"], f"[{style}]{role}[/]", state,
+            _queue(n["send_queue_records"], n["send_queue_bytes"]),
+            _queue(n["receive_queue_records"], n["receive_queue_bytes"]),
+            str(n["applied_seq"]), f"{n['lag_seconds']:.2f} s", n.get("last_error") or "",
+        )
+    return table
+
+
+def _queue(records: int, size: int) -> str:
+    return f"{records} rec / {_bytes(size)}"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,584 @@
+"""The passive applies records: every op, replays, forged paths, no torn files, manifests.
+
+An `Active` here ships changes from a primary root the way the journaler does (block hashes,
+changed blocks only, data records then a file record), and the passive's `Applier` applies
+them under a secondary root. The story each test tells ends with both trees compared by
+`scan_tree` + `same`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.apply import Applier
+from engine.blocks import changed_blocks, hash_file, read_ranges
+from engine.errors import PathError, ProtocolError
+from engine.manifest import Entry, same, scan_tree
+from engine.paths import check_rel_path, open_parent
+
+BS = 4096
+CHUNK = 16 * BS
+GIB = 1 << 30
+Record = tuple[str, dict[str, Any], bytes]
+
+
+@dataclass(frozen=True)
+class Tree:
+    """Stand-in for engine.config.ProtectedTree (same attributes, simple name patterns)."""
+
+    path: str
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    @property
+    def rel(self) -> str:
+        return self.path.lstrip("/")
+
+    def wants(self, rel_in_tree: str, is_dir: bool) -> bool:
+        if not rel_in_tree:
+            return True
+        parts = rel_in_tree.split("/")
+        if parts[0] == ".nf-stage":
+            return False
+        for i, part in enumerate(parts):
+            part_is_dir = is_dir or i < len(parts) - 1
+            for pat in self.exclude:
+                if fnmatch.fnmatchcase(part, pat.rstrip("/")) and (part_is_dir or not pat.endswith("/")):
+                    return False
+        return is_dir or not self.include or any(fnmatch.fnmatchcase(parts[-1], p) for p in self.include)
+
+
+TREE = Tree("/srv/data")
+TREES = (TREE, Tree("/etc/app"))
+
+
+class Active:
+    """Ships changes under `root` as records, remembering the block hashes it shipped."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.shipped: dict[str, bytes] = {}
+        self._gids = itertools.count(1)
+
+    def file(self, rel: str) -> list[Record]:
+        fd = os.open(self.root / rel, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+            hashes = hash_file(fd, BS)
+            old = self.shipped.get(rel)
+            fresh = old is None
+            blocks = changed_blocks(old, hashes)
+            gid = next(self._gids) if blocks else None
+            out: list[Record] = [("data", {"path": rel, "gid": gid, "offset": off, "fresh": fresh}, data)
+                                 for off, data in read_ranges(fd, blocks, BS, st.st_size, CHUNK)]
+            out.append(("file", {"path": rel, "gid": gid, "size": st.st_size, "mode": stat.S_IMODE(st.st_mode),
+                                 "mtime_ns": st.st_mtime_ns, "fresh": fresh}, b""))
+        finally:
+            os.close(fd)
+        self.shipped[rel] = hashes
+        return out
+
+    def mkdir(self, rel: str) -> list[Record]:
+        st = os.lstat(self.root / rel)
+        return [("mkdir", {"path": rel, "mode": stat.S_IMODE(st.st_mode), "mtime_ns": st.st_mtime_ns}, b"")]
+
+    def symlink(self, rel: str) -> list[Record]:
+        st = os.lstat(self.root / rel)
+        return [("symlink", {"path": rel, "target": os.readlink(self.root / rel), "mtime_ns": st.st_mtime_ns}, b"")]
+
+    def attr(self, rel: str) -> list[Record]:
+        st = os.lstat(self.root / rel)
+        return [("attr", {"path": rel, "mode": stat.S_IMODE(st.st_mode), "mtime_ns": st.st_mtime_ns}, b"")]
+
+    def delete(self, rel: str) -> list[Record]:
+        self.shipped = {p: h for p, h in self.shipped.items() if p != rel and not p.startswith(rel + "/")}
+        return [("delete", {"path": rel}, b"")]
+
+    def rename(self, src: str, dst: str) -> list[Record]:
+        moved = {}
+        for p in list(self.shipped):
+            if p == src or p.startswith(src + "/"):
+                moved[dst + p[len(src):]] = self.shipped.pop(p)
+        self.shipped = {p: h for p, h in self.shipped.items() if p != dst and not p.startswith(dst + "/")}
+        self.shipped.update(moved)
+        return [("rename", {"path": src, "dst": dst}, b"")]
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> tuple[Path, Path, Active, Applier]:
+    primary, secondary = tmp_path / "primary", tmp_path / "secondary"
+    (primary / "srv/data").mkdir(parents=True)
+    (secondary / "srv/data").mkdir(parents=True)
+    return primary, secondary, Active(primary), Applier(secondary, TREES)
+
+
+def apply_all(applier: Applier, records: list[Record]) -> list[bool]:
+    return [applier.apply(op, meta, data) for op, meta, data in records]
+
+
+def manifest(root: Path, tree: Tree = TREE) -> dict[str, Entry]:
+    return {e.path: e for e in scan_tree(root, tree, block_size=BS, with_hashes=True)}
+
+
+def assert_level(primary: Path, secondary: Path) -> None:
+    a, b = manifest(primary), manifest(secondary)
+    assert sorted(a) == sorted(b)
+    for path, entry in a.items():
+        assert same(entry, b[path]), f"{path}: active {entry} passive {b[path]}"
+
+
+def write(path: Path, data: bytes, *, at: int | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if at is None:
+        path.write_bytes(data)
+        return
+    with open(path, "r+b") as fh:
+        fh.seek(at)
+        fh.write(data)
+
+
+# -- files -------------------------------------------------------------------------------
+
+def test_a_file_created_modified_extended_and_truncated_arrives_whole_each_time(nodes) -> None:
+    primary, secondary, active, applier = nodes
+    f = primary / "srv/data/dir/file.bin"
+    write(f, os.urandom(10 * BS + 100))
+    assert apply_all(applier, active.mkdir("srv/data/dir") + active.file("srv/data/dir/file.bin"))[-1] is True
+    assert_level(primary, secondary)
+
+    write(f, b"middle", at=5 * BS + 7)
+    records = active.file("srv/data/dir/file.bin")
+    assert [r[0] for r in records] == ["data", "file"], "only the changed block ships"
+    assert records[0][1]["offset"] == 5 * BS and records[0][1]["fresh"] is False
+    assert apply_all(applier, records) == [False, True]
+    assert (secondary / "srv/data/dir/file.bin").read_bytes() == f.read_bytes()
+
+    with open(f, "ab") as fh:
+        fh.write(os.urandom(3 * BS))
+    apply_all(applier, active.file("srv/data/dir/file.bin"))
+    assert_level(primary, secondary)
+
+    os.truncate(f, 2 * BS + 1)
+    records = active.file("srv/data/dir/file.bin")
+    assert [r[0] for r in records] == ["data", "file"]  # the short last block
+    apply_all(applier, records)
+    os.truncate(f, 2 * BS)
+    records = active.file("srv/data/dir/file.bin")
+    assert [r[0] for r in records] == ["file"], "a truncation at a block edge ships no data"
+    apply_all(applier, records)
+    assert_level(primary, secondary)
+    assert (secondary / "srv/data/dir/file.bin").read_bytes() == f.read_bytes()
+
+
+def test_an_empty_file_and_its_mode_and_mtime_arrive(nodes) -> None:
+    primary, secondary, active, applier = nodes
+    f = primary / "srv/data/empty"
+    f.touch()
+    os.chmod(f, 0o640)
+    os.utime(f, ns=(1_000_000_000_123, 1_000_000_000_123))
+    records = active.file("srv/data/empty")
+    assert [r[0] for r in records] == ["file"]
+    apply_all(applier, records)
+    st = os.stat(secondary / "srv/data/empty")
+    assert (st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0, 0o640, 1_000_000_000_123)
+    assert_level(primary, secondary)
+
+
+def test_a_1_gib_sparse_file_arrives_sparse(nodes) -> None:
+    primary, secondary, active, applier = nodes
+    f = primary / "srv/data/disk.img"
+    with open(f, "wb") as fh:
+        fh.truncate(GIB)
+        for at in (0, 300 << 20, GIB - (512 << 10)):
+            fh.seek(at)
+            fh.write(os.urandom(256 << 10))
+    records = active.file("srv/data/disk.img")
+    assert sum(len(r[2]) for r in records) == 3 * (256 << 10), "holes are not shipped"
+    apply_all(applier, records)
+    st = os.stat(secondary / "srv/data/disk.img")
+    assert st.st_size == GIB
+    assert st.st_blocks * 512 < 8 << 20, f"the replica is not sparse: {st.st_blocks * 512} bytes allocated"
+    assert hash_file(secondary / "srv/data/disk.img", BS) == hash_file(f, BS)
+
+    write(f, b"changed", at=600 << 20)
+    apply_all(applier, active.file("srv/data/disk.img"))  # staged as a sparse copy, then renamed
+    st = os.stat(secondary / "srv/data/disk.img")
+    assert st.st_blocks * 512 < 8 << 20
+    assert hash_file(secondary / "srv/data/disk.img", BS) == hash_file(f, BS)
+
+
+def test_a_half_written_stage_never_shows_in_the_target(nodes) -> None:
+    primary, secondary, active, applier = nodes
+    f = primary / "srv/data/report.txt"
+    write(f, b"A" * (8 * BS))
+    apply_all(applier, active.file("srv/data/report.txt"))
+    old = (secondary / "srv/data/report.txt").read_bytes()
+
+    write(f, b"B" * (8 * BS))
+    records = active.file("srv/data/report.txt")
+    data_records = [r for r in records if r[0] == "data"]
+    assert len(data_records) == 1 and len(data_records[0][2]) == 8 * BS
+    half = ("data", data_records[0][1], data_records[0][2][: 4 * BS])
+    assert apply_all(applier, [half]) == [False]
+    assert (secondary / "srv/data/report.txt").read_bytes() == old, "the target shows a torn version"
+
+    applier.discard_stages()  # a crash: the stage goes, replay starts at the group's first record
+    assert os.listdir(secondary / "srv/data/.nf-stage") == []
+    assert (secondary / "srv/data/report.txt").read_bytes() == old
+    apply_all(applier, records)
+    assert (secondary / "srv/data/report.txt").read_bytes() == b"B" * (8 * BS)
+
+
+def test_the_stage_dir_is_private_and_not_in_the_manifest(nodes) -> None:
+    primary, secondary, active, applier = nodes
+    write(primary / "srv/data/a", b"x" * BS)
+    apply_all(applier, active.file("srv/data/a"))
+    st = os.stat(secondary / "srv/data/.nf-stage")
+    assert stat.S_IMODE(st.st_mode) == 0o700
+    assert "srv/data/.nf-stage" not in manifest(secondary)
+    with pytest.raises(PathError, match="stage"):
+        applier.apply("delete", {"path": "srv/data/.nf-stage"})
+    with pytest.raises(PathError, match="stage"):
+        applier.apply("file", {"path": "srv/data/.nf-stage/1", "gid": None, "size": 0, "mode": 0o644,
+                               "mtime_ns": 0, "fresh": True})
+
+
+def test_a_file_replaces_a_directory_and_a_directory_replaces_a_file(nodes) -> None:
+    primary, secondary, active, applier = nodes
+    (secondary / "srv/data/x/deep").mkdir(parents=True)
+    (secondary / "srv/data/x/deep/f").write_text("old")
+    write(primary / "srv/data/x", b"now a file")
+    apply_all(applier, active.file("srv/data/x"))
+    assert (secondary / "srv/data/x").read_bytes() == b"now a file"
+
+    os.unlink(primary / "srv/data/x")
+    (primary / "srv/data/x").mkdir()
+    apply_all(applier, active.mkdir("srv/data/x"))
+    assert (secondary / "srv/data/x").is_dir()
+    assert_level(primary, secondary)
+
+
+# -- directories, renames, deletes, attributes --------------------------------------------
+
+def test_renames_of_files_and_directories_replay_cleanly(nodes) -> None:
+    primary, secondary, active, applier = nodes
+    records: list[Record] = []
+    (primary / "srv/data/d1/sub").mkdir(parents=True)
+    write(primary / "srv/data/d1/sub/f", b"f" * 3000)
+    write(primary / "srv/data/g", b"g")
+    records += active.mkdir("srv/data/d1") + active.mkdir("srv/data/d1/sub")
+    records += active.file("srv/data/d1/sub/f") + active.file("srv/data/g")
+    apply_all(applier, records)
+
+    moves: list[Record] = []
+    os.rename(primary / "srv/data/g", primary / "srv/data/g2")
+    moves += active.rename("srv/data/g", "srv/data/g2")
+    os.rename(primary / "srv/data/d1", primary / "srv/data/d2")
+    moves += active.rename("srv/data/d1", "srv/data/d2")
+    (primary / "srv/data/d3").mkdir()
+    moves += active.mkdir("srv/data/d3")
+    os.rename(primary / "srv/data/d2/sub", primary / "srv/data/d3/sub")  # over nothing, into a new dir
+    moves += active.rename("srv/data/d2/sub", "srv/data/d3/sub")
+    apply_all(applier, moves)
+    assert_level(primary, secondary)
+    apply_all(applier, moves)  # replay after a crash before the applied position was saved
+    assert_level(primary, secondary)
+
+
+def test_a_directory_renamed_over_a_directory_replaces_it(nodes) -> None:
+    primary, secondary, active, applier = nodes
+    for d in ("a", "b"):
+        (primary / "srv/data" / d).mkdir()
+        write(primary / "srv/data" / d / "f", d.encode())
+        apply_all(applier, active.mkdir(f"srv/data/{d}") + active.file(f"srv/data/{d}/f"))
+    os.unlink(primary / "srv/data/b/f")
+    records = active.delete("srv/data/b/f")
+    os.rename(primary / "srv/data/a", primary / "srv/data/b")
+    records += active.rename("srv/data/a", "srv/data/b")
+    apply_all(applier, records)
+    assert (secondary / "srv/data/b/f").read_bytes() == b"a"
+    assert_level(primary, secondary)
+
+
+def test_deletes_remove_files_and_whole_trees_without_following_symlinks(nodes, tmp_path: Path) -> None:
+    primary, secondary, active, applier = nodes
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep me")
+    (secondary / "srv/data/t/u").mkdir(parents=True)
+    (secondary / "srv/data/t/u/f").write_text("x")
+    (secondary / "srv/data/t/link").symlink_to(outside)
+    (secondary / "srv/data/lone").write_text("y")
+    (secondary / "srv/data/empty").mkdir()
+
+    for rel in ("srv/data/t", "srv/data/lone", "srv/data/empty", "srv/data/never-there"):
+        assert applier.apply("delete", {"path": rel}) is True
+        applier.apply("delete", {"path": rel})  # twice: a no-op
+    assert [n for n in os.listdir(secondary / "srv/data") if n != ".nf-stage"] == []
+    assert (outside / "precious").read_text() == "keep me"
+
+
+def test_mkdir_creates_parents_and_attr_sets_mode_and_mtime(nodes) -> None:
+    primary, secondary, active, applier = nodes
+    applier.apply("mkdir", {"path": "srv/data/a/b/c", "mode": 0o750, "mtime_ns": 5})
+    assert stat.S_IMODE(os.stat(secondary / "srv/data/a/b/c").st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(secondary / "srv/data/a").st_mode) == 0o755
+
+    write(primary / "srv/data/f", b"data")
+    apply_all(applier, active.file("srv/data/f"))
+    os.chmod(primary / "srv/data/f", 0o600)
+    os.utime(primary / "srv/data/f", ns=(7_000_000_000, 7_000_000_000))
+    apply_all(applier, active.attr("srv/data/f"))
+    st = os.stat(secondary / "srv/data/f")
+    assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o600, 7_000_000_000)
+
+    applier.apply("attr", {"path": "srv/data/gone", "mode": 0o600, "mtime_ns": 1})  # missing: no-op
+    assert not (secondary / "srv/data/gone").exists()
+    applier.apply("attr", {"path": "srv/data", "mode": 0o711, "mtime_ns": 9})
+    assert stat.S_IMODE(os.stat(secondary / "srv/data").st_mode) == 0o711
+
+
+def test_symlinks_are_stored_verbatim_and_never_followed(nodes, tmp_path: Path) -> None:
+    primary, secondary, active, applier = nodes
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "target").write_text("outside")
+    os.symlink(outside / "target", primary / "srv/data/ln")
+    os.utime(primary / "srv/data/ln", ns=(3_000_000_000, 3_000_000_000), follow_symlinks=False)
+    apply_all(applier, active.symlink("srv/data/ln"))
+    assert os.readlink(secondary / "srv/data/ln") == str(outside / "target")
+    assert os.lstat(secondary / "srv/data/ln").st_mtime_ns == 3_000_000_000
+
+    applier.apply("attr", {"path": "srv/data/ln", "mode": 0o600, "mtime_ns": 4_000_000_000})
+    assert stat.S_IMODE(os.stat(outside / "target").st_mode) != 0o600, "attr followed the symlink"
+    assert os.stat(outside / "target").st_mtime_ns != 4_000_000_000
+
+    os.unlink(primary / "srv/data/ln")
+    write(primary / "srv/data/ln", b"now a file")
+    apply_all(applier, active.file("srv/data/ln"))  # replaces the link, not what it points at
+    assert (outside / "target").read_text() == "outside"
+    assert (secondary / "srv/data/ln").read_bytes() == b"now a file"
+
+    os.unlink(primary / "srv/data/ln")
+    os.symlink("../relative/elsewhere", primary / "srv/data/ln")
+    apply_all(applier, active.symlink("srv/data/ln"))
+    assert os.readlink(secondary / "srv/data/ln") == "../relative/elsewhere"
+    assert_level(primary, secondary)
+
+
+# -- replay ------------------------------------------------------------------------------
+
+def test_replaying_a_whole_session_twice_gives_the_same_tree(nodes) -> None:
+    primary, secondary, active, applier = nodes
+    records: list[Record] = []
+    (primary / "srv/data/docs").mkdir()
+    records += active.mkdir("srv/data/docs")
+    write(primary / "srv/data/docs/a.txt", os.urandom(5 * BS))
+    records += active.file("srv/data/docs/a.txt")
+    write(primary / "srv/data/docs/a.txt", b"edit", at=2 * BS)
+    records += active.file("srv/data/docs/a.txt")
+    os.symlink("a.txt", primary / "srv/data/docs/latest")
+    records += active.symlink("srv/data/docs/latest")
+    write(primary / "srv/data/b.bin", os.urandom(BS + 1))
+    records += active.file("srv/data/b.bin")
+    os.rename(primary / "srv/data/b.bin", primary / "srv/data/docs/b.bin")
+    records += active.rename("srv/data/b.bin", "srv/data/docs/b.bin")
+    os.chmod(primary / "srv/data/docs/b.bin", 0o600)
+    records += active.attr("srv/data/docs/b.bin")
+    (primary / "srv/data/tmp").mkdir()
+    records += active.mkdir("srv/data/tmp")
+    os.rmdir(primary / "srv/data/tmp")
+    records += active.delete("srv/data/tmp")
+
+    apply_all(applier, records)
+    first = manifest(secondary)
+    assert_level(primary, secondary)
+    applier.discard_stages()
+    apply_all(applier, records)
+    assert_level(primary, secondary)
+    assert all(same(first[p], e) for p, e in manifest(secondary).items())
+    # a replay from the middle of the session (the first record after the last applied unit)
+    apply_all(applier, records[3:])
+    assert_level(primary, secondary)
+
+
+# -- refused input -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, reason", [
+    ("../x", "'..' component"),
+    ("/etc/passwd", "absolute path"),
+    ("srv/data/../../x", "'..' component"),
+    ("srv/other/x", "outside the protected set"),
+    ("srv/data/./x", "'.' component"),
+    ("srv/data//x", "empty component"),
+    ("srv/data/x/", "empty component"),
+    ("srv/data", "tree's root"),
+    ("srv/data\x00/x", "NUL"),
+    ("", "empty path"),
+    (42, "expected a string"),
+])
+def test_forged_paths_are_refused(nodes, path: object, reason: str) -> None:
+    _, secondary, _, applier = nodes
+    with pytest.raises(PathError, match=reason):
+        applier.apply("file", {"path": path, "gid": None, "size": 1, "mode": 0o644, "mtime_ns": 0, "fresh": True})
+    with pytest.raises(PathError, match=reason):
+        check_rel_path(path, TREES)
+
+
+@pytest.mark.parametrize("op, meta, data", [
+    ("data", {"path": "srv/data/link/x", "gid": 1, "offset": 0, "fresh": False}, b"evil"),
+    ("file", {"path": "srv/data/link/x", "gid": None, "size": 4, "mode": 0o644, "mtime_ns": 0, "fresh": True}, b""),
+    ("mkdir", {"path": "srv/data/link/d", "mode": 0o755, "mtime_ns": 0}, b""),
+    ("symlink", {"path": "srv/data/link/s", "target": "/", "mtime_ns": 0}, b""),
+    ("delete", {"path": "srv/data/link/victim"}, b""),
+    ("attr", {"path": "srv/data/link/victim", "mode": 0o777, "mtime_ns": 0}, b""),
+    ("rename", {"path": "srv/data/link/victim", "dst": "srv/data/stolen"}, b""),
+    ("rename", {"path": "srv/data/mine", "dst": "srv/data/link/planted"}, b""),
+])
+def test_a_symlinked_directory_in_the_replica_is_never_written_through(nodes, tmp_path: Path, op, meta, data) -> None:
+    _, secondary, _, applier = nodes
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_text("keep me")
+    os.chmod(outside / "victim", 0o644)
+    (secondary / "srv/data/link").symlink_to(outside)
+    (secondary / "srv/data/mine").write_text("mine")
+    with pytest.raises(PathError, match="symlink escape"):
+        applier.apply(op, meta, data)
+    assert sorted(os.listdir(outside)) == ["victim"]
+    assert (outside / "victim").read_text() == "keep me"
+    assert stat.S_IMODE(os.stat(outside / "victim").st_mode) == 0o644
+    assert (secondary / "srv/data/mine").read_text() == "mine"
+
+
+def test_open_parent_walks_without_following_symlinks(tmp_path: Path) -> None:
+    (tmp_path / "srv/data/d").mkdir(parents=True)
+    (tmp_path / "srv/data/ln").symlink_to(tmp_path / "srv/data/d")
+    fd, name = open_parent(tmp_path, "srv/data/d/f")
+    os.close(fd)
+    assert name == "f"
+    with pytest.raises(PathError, match="symlink escape"):
+        open_parent(tmp_path, "srv/data/ln/f")
+    with pytest.raises(FileNotFoundError):
+        open_parent(tmp_path, "srv/data/missing/f")
+
+
+@pytest.mark.parametrize("op, meta, message", [
+    ("explode", {"path": "srv/data/x"}, "unknown op 'explode'"),
+    ("data", {"path": "srv/data/x", "gid": "1", "offset": 0, "fresh": True}, r"data\.gid: expected an integer"),
+    ("data", {"path": "srv/data/x", "gid": 1, "offset": -1, "fresh": True}, r"data\.offset: expected an integer in"),
+    ("data", {"path": "srv/data/x", "gid": 1, "offset": 0, "fresh": 1}, r"data\.fresh: expected true or false"),
+    ("file", {"path": "srv/data/x", "gid": None, "size": 0, "mode": 0o10000, "mtime_ns": 0, "fresh": True},
+     r"file\.mode: expected an integer in"),
+    ("file", {"path": "srv/data/x", "gid": None, "size": 0, "mode": 0o644, "fresh": True},
+     r"file\.mtime_ns: expected an integer"),
+    ("symlink", {"path": "srv/data/x", "target": "", "mtime_ns": 0}, r"symlink\.target: expected a non-empty"),
+    ("rename", {"path": "srv/data/x"}, r"rename\.dst: expected a path"),
+    ("mkdir", {"path": "srv/data/x", "mode": True, "mtime_ns": 0}, r"mkdir\.mode: expected an integer"),
+])
+def test_malformed_records_are_refused_naming_the_field(nodes, op, meta, message) -> None:
+    _, secondary, _, applier = nodes
+    with pytest.raises(ProtocolError, match=message):
+        applier.apply(op, meta)
+    assert not (secondary / "srv/data/x").exists()
+
+
+def test_renaming_a_directory_into_itself_is_refused(nodes) -> None:
+    _, secondary, _, applier = nodes
+    (secondary / "srv/data/a").mkdir()
+    with pytest.raises(PathError, match="being renamed"):
+        applier.apply("rename", {"path": "srv/data/a", "dst": "srv/data/a/b"})
+    assert (secondary / "srv/data/a").is_dir()
+
+
+# -- manifests ---------------------------------------------------------------------------
+
+def test_equal_trees_are_equal_and_one_changed_byte_is_found(nodes) -> None:
+    primary, secondary, active, applier = nodes
+    records: list[Record] = []
+    (primary / "srv/data/d").mkdir()
+    records += active.mkdir("srv/data/d")
+    for i in range(5):
+        write(primary / f"srv/data/d/f{i}", os.urandom(3 * BS + i))
+        records += active.file(f"srv/data/d/f{i}")
+    apply_all(applier, records)
+    assert_level(primary, secondary)
+
+    victim = secondary / "srv/data/d/f3"
+    st = os.stat(victim)
+    write(victim, b"\x00" if victim.read_bytes()[BS] != 0 else b"\x01", at=BS)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only hashes tell
+    a, b = manifest(primary), manifest(secondary)
+    differing = [p for p in a if not same(a[p], b[p])]
+    assert differing == ["srv/data/d/f3"]
+    assert same(a["srv/data/d/f3"], b["srv/data/d/f3"], mtime=False) is False
+
+
+def test_scan_tree_filters_walks_subtrees_and_reuses_known_hashes(tmp_path: Path) -> None:
+    tree = Tree("/srv/data", exclude=("cache/", "*.tmp"))
+    base = tmp_path / "srv/data"
+    (base / "cache/x").mkdir(parents=True)
+    (base / "keep/in").mkdir(parents=True)
+    (base / "cache/x/big").write_bytes(b"c")
+    (base / "keep/in/a").write_bytes(b"a" * 10)
+    (base / "keep/in/b.tmp").write_bytes(b"b")
+    (base / "keep/ln").symlink_to("/etc")
+    (base / ".nf-stage").mkdir()
+    (base / ".nf-stage/1").write_bytes(b"half")
+
+    entries = list(scan_tree(tmp_path, tree, block_size=BS, with_hashes=False))
+    assert [(e.path, e.kind) for e in entries] == [
+        ("srv/data", "dir"), ("srv/data/keep", "dir"), ("srv/data/keep/in", "dir"),
+        ("srv/data/keep/in/a", "file"), ("srv/data/keep/ln", "symlink"),
+    ]
+    assert entries[-1].target == "/etc"
+    assert entries[3].hashes is None and entries[3].size == 10
+
+    only = [e.path for e in scan_tree(tmp_path, tree, block_size=BS, with_hashes=True, only="keep/in")]
+    assert only == ["srv/data/keep/in", "srv/data/keep/in/a"]
+    assert list(scan_tree(tmp_path, tree, block_size=BS, with_hashes=True, only="keep/ln/passwd")) == []
+    assert list(scan_tree(tmp_path, tree, block_size=BS, with_hashes=True, only="cache/x")) == []
+    assert list(scan_tree(tmp_path, Tree("/nowhere"), block_size=BS, with_hashes=True)) == []
+
+    st = os.stat(base / "keep/in/a")
+    known = Entry("srv/data/keep/in/a", "file", 0o644, 10, st.st_mtime_ns, None, b"K" * 16)
+    reused = {e.path: e for e in scan_tree(tmp_path, tree, block_size=BS, with_hashes=True,
+                                           reuse={known.path: known}.get)}
+    assert reused["srv/data/keep/in/a"].hashes == b"K" * 16
+    stale = Entry(known.path, "file", 0o644, 10, st.st_mtime_ns - 1, None, b"K" * 16)
+    rehashed = {e.path: e for e in scan_tree(tmp_path, tree, block_size=BS, with_hashes=True,
+                                             reuse={stale.path: stale}.get)}
+    assert rehashed["srv/data/keep/in/a"].hashes == hash_file(base / "keep/in/a", BS)
+
+
+def test_the_real_protected_tree_filters_the_same_way(tmp_path: Path) -> None:
+    config = pytest.importorskip("engine.config")
+    tree = config.ProtectedTree("/srv/data", exclude=("cache/", "*.tmp"))
+    base = tmp_path / "srv/data"
+    (base / "cache").mkdir(parents=True)
+    (base / "cache/f").write_text("c")
+    (base / "a.tmp").write_text("t")
+    (base / "a").write_text("a")
+    (base / ".nf-stage").mkdir()
+    assert [e.path for e in scan_tree(tmp_path, tree, block_size=BS, with_hashes=True)] == ["srv/data", "srv/data/a"]
+
+
+def test_entries_round_trip_through_json_and_bad_fields_are_named() -> None:
+    e = Entry("srv/data/a", "file", 0o644, 5, 123, None, b"\x01" * 32)
+    assert Entry.from_json(e.to_json()) == e
+    s = Entry("srv/data/s", "symlink", 0o777, 0, 1, "/etc")
+    assert Entry.from_json(s.to_json()) == s
+    for field, value, message in [
+        ("kind", "fifo", "entry.kind"), ("mode", "644", "entry.mode"), ("size", -1, "entry.size"),
+        ("hashes", "abc", "entry.hashes"), ("hashes", "zz" * 16, "entry.hashes"), ("target", "/x", "entry.target"),
+        ("path", None, "entry.path"),
+    ]:
+        with pytest.raises(ProtocolError, match=message):
+            Entry.from_json({**e.to_json(), field: value})
