@@ -226,7 +226,7 @@ class Agent:
             self.senders[link.node] = sender
             sender_task = asyncio.ensure_future(sender.run())
             sender_task.add_done_callback(lambda t: self._sender_done(link, t))
-        if self.receiver is not None:
+        if self.receiver is not None and link.hello.get("role") == "active":
             self.receiver.link = link
         try:
             while True:

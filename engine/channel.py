@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -88,19 +89,25 @@ class Channel:
         self.on_link = on_link
         self.on_refused = on_refused
         self.links: dict[str, Link] = {}
-        self._server: asyncio.base_events.Server | None = None
+        self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         host, port = self.listen
-        self._server = await asyncio.start_server(self._accept, host, port, reuse_address=True)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.socket(family, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((host, port))
+        self._listener.listen(64)
+        self._listener.setblocking(False)
+        self._spawn(self._accept_forever())
         for peer in sorted(self.peers):
             if peer > self.node_id:
                 self._spawn(self._dial_forever(peer))
 
     async def stop(self) -> None:
-        if self._server:
-            self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         for link in list(self.links.values()):
             link.close()
         for task in list(self._tasks):
@@ -108,15 +115,35 @@ class Channel:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- accept side ------------------------------------------------------------------
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        addr = _addr(writer)
+    async def _accept_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._listener is not None
+        while True:
+            conn, _ = await loop.sock_accept(self._listener)
+            self._spawn(self._accept(conn))
+
+    async def _accept(self, conn: socket.socket) -> None:
+        """TLS is set up on the raw socket, so no byte of the ClientHello can be read as plain data."""
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(writer.start_tls(self.server_ctx), HANDSHAKE_TIMEOUT)
+            addr = "%s:%s" % conn.getpeername()[:2]
+        except OSError:
+            addr = "unknown peer"
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader = asyncio.StreamReader(limit=2**16)
+            protocol = asyncio.StreamReaderProtocol(reader)
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=self.server_ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             link = await self._handshake(reader, writer)
         except (ssl.SSLError, ChannelAuthError, ProtocolError, asyncio.TimeoutError, ConnectionError, OSError,
                 asyncio.IncompleteReadError) as exc:
             self.on_refused(addr, _reason(exc))
-            writer.close()
+            if writer is not None:
+                writer.close()
+            else:
+                conn.close()
             return
         await self._run(link)
 
@@ -177,11 +204,6 @@ class Channel:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def _addr(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
 def _reason(exc: BaseException) -> str:

@@ -23,6 +23,9 @@ from engine.init import NodePlan, init_cluster
 
 NODE_IDS = ("primary", "secondary", "tertiary")
 START_TIMEOUT = 60.0
+
+# Agents this process started; their exit is seen through the Popen handle, without a pid race.
+_started: dict[str, subprocess.Popen[bytes]] = {}
 STOP_TIMEOUT = 30.0
 
 
@@ -80,6 +83,7 @@ def start(workdir: Path, node: str) -> int:
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     log.close()
+    _started[node] = proc
     (workdir / node / "agent.pid").write_text(f"{proc.pid}\n")
     return proc.pid
 
@@ -115,9 +119,9 @@ def wait_connected(workdir: Path, timeout: float = START_TIMEOUT,
             tick(last)
         if last and all(n["connected"] and n["role"] != "unknown" for n in last["nodes"]):
             return last
-        for node in node_ids(workdir):
-            if pid_of(workdir, node) is None:
-                raise DemoError(f"agent {node} exited during start-up",
+        for node, proc in _started.items():
+            if proc.poll() is not None:
+                raise DemoError(f"agent {node} exited with code {proc.returncode} during start-up",
                                 hint=f"see {workdir / node / 'agent.log'}")
         time.sleep(0.1)
     raise DemoError(f"the demo cluster did not connect within {timeout:.0f} s",
