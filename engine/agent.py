@@ -204,6 +204,7 @@ class Agent:
         else:
             fields["journal_id"] = self.state.get("source_journal_id")
             fields["applied_seq"] = self.state.get_int("applied_seq")
+            fields["received_seq"] = self.receiver.received_seq if self.receiver else fields["applied_seq"]
         return fields
 
     def _on_refused(self, addr: str, reason: str) -> None:

@@ -147,7 +147,7 @@ class Sender:
 
     async def run(self) -> None:
         hello = self.link.hello
-        applied = hello.get("applied_seq", 0)
+        applied = hello.get("received_seq", hello.get("applied_seq", 0))
         source = hello.get("journal_id")
         p = self.progress
         start = self._start_position(applied if isinstance(applied, int) else 0, source)
@@ -282,11 +282,26 @@ class Receiver:
         return self.state.get("source_journal_id")
 
     async def on_recs(self, msg: Message) -> None:
-        records = unpack_batch(msg)
-        await asyncio.to_thread(_enqueue, self.db, records)
-        last = msg.get("last", int, optional=True)
-        if last is not None:
-            self.received_seq = max(self.received_seq, last)
+        """Queue a batch durably, dropping records already held and refusing a sequence gap."""
+        fresh = []
+        expected = self.received_seq + 1
+        for record in unpack_batch(msg):
+            seq, op, meta = record[0], record[1], record[2]
+            if op == "level":
+                head = meta.get("head")
+                if not isinstance(head, int) or isinstance(head, bool) or head < 0:
+                    raise ProtocolError("level.head: expected a non-negative int")
+                expected = head + 1
+            elif seq is not None:
+                if seq < expected:
+                    continue  # resent after a reconnect: already in the receive queue
+                if seq > expected:
+                    raise ProtocolError(f"sequence gap: expected record {expected}, got {seq}; "
+                                        "reconnecting resumes from the last record held")
+                expected += 1
+            fresh.append(record)
+        await asyncio.to_thread(_enqueue, self.db, fresh, expected - 1)
+        self.received_seq = expected - 1
         self.queued.set()
         await self._ack()
 
@@ -387,15 +402,14 @@ class Receiver:
             pass
 
 
-def _enqueue(db: sqlite3.Connection, records: list[tuple[int | None, str, dict[str, Any], bytes, float]]) -> None:
+def _enqueue(db: sqlite3.Connection, records: list[tuple[int | None, str, dict[str, Any], bytes, float]],
+             received: int) -> None:
     db.execute("BEGIN IMMEDIATE")
     db.executemany(
         "INSERT INTO recvq(seq, op, meta, data, size, ts) VALUES(?,?,?,?,?,?)",
         [(seq, op, json.dumps(meta), data, len(data) + 64, ts) for seq, op, meta, data, ts in records],
     )
-    last = max((r[0] for r in records if r[0] is not None), default=None)
-    if last is not None:
-        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('received_seq', ?)", (str(last),))
+    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('received_seq', ?)", (str(received),))
     db.execute("COMMIT")
 
 

@@ -104,3 +104,34 @@ def test_forged_paths_are_refused_and_nothing_is_written_outside(demo: Demo) -> 
     assert not Path("/etc/nf-owned").exists()
     refused = [e for e in demo.events("secondary") if e["kind"] == "record_refused"]
     assert len(refused) == len(forged), refused
+
+
+def test_a_sequence_gap_is_refused_and_logged(demo: Demo) -> None:
+    demo.up(nodes=2)
+    demo.kill("primary")
+    cluster = load_cluster(demo.config)
+    primary = load_node(demo.workdir / "primary" / "node.toml", cluster)
+    host, port = _channel_of(demo, "secondary")
+
+    async def speak() -> bytes:
+        reader, writer = await asyncio.open_connection(host, port, ssl=client_context(primary))
+        codec = Codec(max_frame=cluster.replication.max_frame_bytes)
+        writer.write(codec.encode("hello", 1, {"node": "primary", "role": "active", "cluster": cluster.name}))
+        await codec.read(reader)
+        held = demo.node_status("secondary")["applied_seq"]
+        mkdir = {"path": "srv/data/gap", "mode": 0o755, "mtime_ns": 0}
+        fields, payload = pack_batch([(held + 5, "mkdir", mkdir, b"", time.time())])
+        writer.write(codec.encode("recs", 1, fields, payload))
+        await writer.drain()
+        try:
+            while True:  # heartbeats until the secondary closes the link
+                await asyncio.wait_for(codec.read(reader), 10)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return b"closed"
+        finally:
+            writer.close()
+
+    assert asyncio.run(speak()) == b"closed"
+    assert not (demo.data("secondary") / "gap").exists()
+    wait_for(lambda: any("sequence gap" in e["message"] for e in demo.events("secondary")), 10,
+             "the gap to be logged")

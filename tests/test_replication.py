@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import hashlib
 from pathlib import Path
@@ -195,3 +196,31 @@ def test_agent_stops_cleanly_on_sigterm(demo: Demo) -> None:
     log = (demo.workdir / "secondary" / "agent.log").read_text()
     assert "stopping on request" in log
     assert "Traceback" not in log
+
+
+def test_full_send_queue_spills_to_a_dirty_list_and_resyncs_by_delta(demo: Demo) -> None:
+    from nftui.demo import create
+
+    demo.workdir.mkdir(parents=True)
+    create(demo.workdir, 2)
+    text = re.sub(r"(?m)^\[replication\].*$", "[replication]\nmax_frame_bytes = 1048576\n"
+                  "send_queue_max_bytes = 1048576", demo.config.read_text())
+    demo.config.write_text(text)
+    demo.up(nodes=2)
+    d = demo.data("primary")
+    (d / "before").write_text("replicated before the outage\n")
+    demo.wait_equal(30, nodes=("secondary",))
+    demo.kill("secondary")
+    for i in range(8):
+        (d / f"while-down-{i}").write_bytes(os.urandom(512 * 1024))
+    (d / "before").unlink()
+    wait_for(lambda: any(e["kind"] == "send_queue_overflow" for e in demo.events("primary")), 30,
+             "the send queue to spill to the dirty list")
+    held = wait_for(lambda: demo.node_status("secondary").get("dirty_paths", 0) >= 8
+                    and demo.node_status("secondary")["send_queue_bytes"] < 1 << 20, 30,
+                    "the journal to be released and the paths kept as dirty")
+    assert held
+    demo.start("secondary")
+    demo.wait_equal(60, nodes=("secondary",))
+    assert not (demo.data("secondary") / "before").exists()
+    wait_for(lambda: demo.node_status("secondary").get("dirty_paths", 1) == 0, 30, "the dirty list to clear")
