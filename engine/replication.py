@@ -9,6 +9,7 @@ acks *applied* once the applied position is committed.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import itertools
 import json
 import logging
@@ -151,17 +152,15 @@ class Sender:
         source = hello.get("journal_id")
         p = self.progress
         start = self._start_position(applied if isinstance(applied, int) else 0, source)
-        if start is None:
-            head = await self._journal_head()
-            await self.sync([t.rel for t in self.cluster.protected], head, reason="initial sync")
+        dirty = sorted({row[0] for row in self.db.execute("SELECT path FROM dirty WHERE node=?", (p.node,))})
+        if start is None or dirty:
+            head = self.state.journal_head()
+            if start is None:
+                await self.sync([t.rel for t in self.cluster.protected], head, reason="initial sync")
+            else:
+                await self.sync(dirty, head, reason="dirty-path resync")
+            self.db.execute("DELETE FROM dirty WHERE node=?", (p.node,))
             start = head
-        else:
-            dirty = self.state.db.execute("SELECT path FROM dirty WHERE node=?", (p.node,)).fetchall()
-            if dirty:
-                head = await self._journal_head()
-                await self.sync(sorted({d[0] for d in dirty}), head, reason="dirty-path resync")
-                self.state.db.execute("DELETE FROM dirty WHERE node=?", (p.node,))
-                start = head
         await self.stream(start)
 
     def _start_position(self, applied: int, source: str | None) -> int | None:
@@ -178,9 +177,6 @@ class Sender:
                 return None
             return max(applied, self.progress.acked_applied)
         return applied
-
-    async def _journal_head(self) -> int:
-        return self.state.journal_head()
 
     async def stream(self, cursor: int) -> None:
         wake = self.wake()
@@ -217,7 +213,7 @@ class Sender:
         """Differences between the active and this passive under one path."""
         rid, fut = self.manifests.new()
         await self.link.send("manifest_req", {"id": rid, "path": path})
-        mine = await asyncio.to_thread(_scan, self.node.root, self.cluster, path, self.settings.block_size, self.db)
+        mine = await asyncio.to_thread(_scan, self.node.root, self.cluster, path, self.settings.block_size, self.state)
         theirs = await fut
         return diff(mine, {e.path: e for e in theirs})
 
@@ -382,7 +378,7 @@ class Receiver:
                 break
         if done_id == self._done_id:
             return True  # a unit still in progress, or a retry after an I/O error
-        os.sync()
+        _syncfs(self.node.root)
         db.execute("BEGIN IMMEDIATE")
         db.execute("DELETE FROM recvq WHERE id <= ?", (done_id,))
         values = [("applied_seq", str(done_seq))]
@@ -400,6 +396,19 @@ class Receiver:
             )
         except sqlite3.Error:
             pass
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(path: Path) -> None:
+    """Flush the file system holding the replica before the applied position is committed."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
 
 
 def _enqueue(db: sqlite3.Connection, records: list[tuple[int | None, str, dict[str, Any], bytes, float]],
@@ -444,8 +453,9 @@ def _tree_for(cluster: "ClusterConfig", path: str):  # type: ignore[no-untyped-d
     raise PathError(path, "outside the protected set")
 
 
-def _scan(root: Path, cluster: "ClusterConfig", path: str, block_size: int, db: sqlite3.Connection) -> dict[str, Entry]:
+def _scan(root: Path, cluster: "ClusterConfig", path: str, block_size: int, state: State) -> dict[str, Entry]:
     """The active's manifest of a subtree, reusing shipped hashes where size and mtime match."""
+    db = state.connect()  # its own connection: verify may scan while the sender streams
     tree = _tree_for(cluster, path)
     only = None if path == tree.rel else path[len(tree.rel) + 1 :]
 

@@ -39,8 +39,8 @@ def status(config: ConfigOpt = None, json: JsonOpt = False, watch: WatchOpt = Fa
 def render(doc: dict[str, Any]) -> Table:
     table = Table(title=f"cluster {doc['cluster']} · epoch {doc['epoch']} · answered by {doc['answered_by']}",
                   title_justify="left")
-    for col in ("node", "role", "connected", "send queue", "receive queue", "applied seq", "lag", "last error"):
-        table.add_column(col, justify="right" if col in ("applied seq", "lag") else "left")
+    for col in ("node", "role", "link", "send queue", "recv queue", "applied", "lag", "last error"):
+        table.add_column(col, justify="right" if col in ("applied", "lag") else "left", no_wrap=col != "last error")
     for n in doc["nodes"]:
         role = n["role"]
         style = "bold green" if role == "active" else "cyan" if role == "passive" else "red"
@@ -57,7 +57,7 @@ def render(doc: dict[str, Any]) -> Table:
 
 
 def _queue(records: int, size: int) -> str:
-    return f"{records} rec / {_bytes(size)}"
+    return f"{records}/{_bytes(size)}"
 
 
 def _bytes(n: float) -> str:
