@@ -26,7 +26,7 @@ from engine.channel import Link
 from engine.errors import NfError, PathError, ProtocolError
 from engine.manifest import Entry, scan_tree
 from engine.protocol import Message
-from engine.state import JournalRecord, State
+from engine.state import State, read_journal
 from engine.sync import Difference, diff, repair_records
 
 if TYPE_CHECKING:
@@ -182,7 +182,7 @@ class Sender:
         wake = self.wake()
         while not self.link.closed:
             wake.clear()
-            batch = await asyncio.to_thread(_journal_batch, self.db, cursor)
+            batch = await asyncio.to_thread(read_journal, self.db, cursor, BATCH_RECORDS, BATCH_BYTES)
             if not batch:
                 await wake.wait()
                 continue
@@ -420,19 +420,6 @@ def _enqueue(db: sqlite3.Connection, records: list[tuple[int | None, str, dict[s
     )
     db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('received_seq', ?)", (str(received),))
     db.execute("COMMIT")
-
-
-def _journal_batch(db: sqlite3.Connection, cursor: int) -> list[JournalRecord]:
-    out: list[JournalRecord] = []
-    total = 0
-    for s, op, meta, data, ts in db.execute(
-        "SELECT seq, op, meta, data, ts FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, BATCH_RECORDS)
-    ):
-        out.append(JournalRecord(s, op, json.loads(meta), bytes(data), ts))
-        total += len(data)
-        if total >= BATCH_BYTES:
-            break
-    return out
 
 
 def _take(gen: Iterator[Record]) -> list[Record]:

@@ -99,18 +99,6 @@ class State:
         row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='journal'").fetchone()
         return int(row[0]) if row else 0
 
-    def journal_after(self, seq: int, limit: int = 256, max_bytes: int = 8 << 20) -> list[JournalRecord]:
-        out: list[JournalRecord] = []
-        total = 0
-        for s, op, meta, data, ts in self.db.execute(
-            "SELECT seq, op, meta, data, ts FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
-        ):
-            out.append(JournalRecord(s, op, json.loads(meta), bytes(data), ts))
-            total += len(data)
-            if total >= max_bytes:
-                break
-        return out
-
     def journal_backlog(self, seq: int) -> tuple[int, int, float | None]:
         """Records, bytes and the oldest timestamp of the journal after `seq`."""
         n, size, ts = self.db.execute(
@@ -134,3 +122,17 @@ class State:
     def recvq_stats(self) -> tuple[int, int, float | None]:
         n, size, ts = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(ts) FROM recvq").fetchone()
         return int(n), int(size), ts
+
+
+def read_journal(db: sqlite3.Connection, after: int, limit: int = 512, max_bytes: int = 4 << 20) -> list[JournalRecord]:
+    """Journal records after `after`, in order, up to `limit` records or about `max_bytes`."""
+    out: list[JournalRecord] = []
+    total = 0
+    for s, op, meta, data, ts in db.execute(
+        "SELECT seq, op, meta, data, ts FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+    ):
+        out.append(JournalRecord(s, op, json.loads(meta), bytes(data), ts))
+        total += len(data)
+        if total >= max_bytes:
+            break
+    return out

@@ -39,8 +39,8 @@ def status(config: ConfigOpt = None, json: JsonOpt = False, watch: WatchOpt = Fa
 def render(doc: dict[str, Any]) -> Table:
     table = Table(title=f"cluster {doc['cluster']} · epoch {doc['epoch']} · answered by {doc['answered_by']}",
                   title_justify="left")
-    for col in ("node", "role", "link", "send queue", "recv queue", "applied", "lag", "last error"):
-        table.add_column(col, justify="right" if col in ("applied", "lag") else "left", no_wrap=col != "last error")
+    for col in ("node", "role", "link", "send queue", "recv queue", "applied", "lag", "error"):
+        table.add_column(col, justify="right" if col in ("applied", "lag") else "left", no_wrap=col != "error")
     for n in doc["nodes"]:
         role = n["role"]
         style = "bold green" if role == "active" else "cyan" if role == "passive" else "red"
