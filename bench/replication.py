@@ -113,7 +113,10 @@ def tree_stats(root: Path) -> tuple[int, int]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d != ".nf-stage"]
         for name in filenames:
-            st = os.lstat(os.path.join(dirpath, name))
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:  # a sync tool's temporary file, renamed meanwhile
+                continue
             files += 1
             size += st.st_size
     return files, size

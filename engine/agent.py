@@ -25,6 +25,7 @@ from engine.protocol import Codec, Message
 from engine.replication import ManifestWaiter, PeerProgress, Receiver, Sender
 from engine.state import State
 from engine.tls import client_context, server_context
+from engine.verify import run_verify
 
 log = logging.getLogger("nf.agent")
 
@@ -452,8 +453,6 @@ class Agent:
             raise ApiError("repair: expected true or false", field="repair")
         if self.role != "active":
             raise ApiError("verify runs on the active node", hint="run it against the active (nf status)")
-        from engine.verify import run_verify
-
         return await run_verify(self, repair=repair)
 
 

@@ -261,6 +261,7 @@ class Receiver:
         self.applier.discard_stages()
         self.queued = asyncio.Event()
         self.applied_event = asyncio.Event()
+        self.apply_lock = asyncio.Lock()
         self.received_seq = state.get_int("received_seq", state.get_int("applied_seq"))
         self.link: Link | None = None
         self.last_error = ""
@@ -296,6 +297,12 @@ class Receiver:
                                         "reconnecting resumes from the last record held")
                 expected += 1
             fresh.append(record)
+        if fresh and all(r[0] is None and r[1] != "level" for r in fresh) and not self._queue_busy():
+            # Sync records need no durable queue: until the `level` record is applied the
+            # passive is not level, and a crash makes the active sync it again.
+            async with self.apply_lock:
+                await asyncio.to_thread(self._apply_direct, fresh)
+            return
         await asyncio.to_thread(_enqueue, self.db, fresh, expected - 1)
         self.received_seq = expected - 1
         self.queued.set()
@@ -328,11 +335,31 @@ class Receiver:
             self.applied_event.clear()
             await self.applied_event.wait()
 
+    def _queue_busy(self) -> bool:
+        return self.state.db.execute("SELECT 1 FROM recvq LIMIT 1").fetchone() is not None
+
+    def _apply_direct(self, records: list[tuple[int | None, str, dict[str, Any], bytes, float]]) -> None:
+        for _seq, op, meta, data, _ts in records:
+            try:
+                self.applier.apply(op, meta, data)
+            except (PathError, ProtocolError) as exc:
+                self._refused(op, None, exc)
+            except OSError as exc:  # verify finds what a failed sync record left behind
+                self.last_error = f"sync {op} {meta.get('path')}: {exc}"
+                log.error("%s", self.last_error)
+
+    def _refused(self, op: str, seq: int | None, exc: Exception) -> None:
+        self.refused += 1
+        self.last_error = str(exc)
+        log.warning("refused record %s %s: %s", op, seq, exc)
+        self.state_event("warning", "record_refused", f"refused record {op} {seq}: {exc}")
+
     async def apply_forever(self) -> None:
         self._pos = 0
         while True:
             self.queued.clear()
-            progressed = await asyncio.to_thread(self._apply_batch)
+            async with self.apply_lock:
+                progressed = await asyncio.to_thread(self._apply_batch)
             if progressed:
                 self.applied_event.set()
                 await self._ack()
@@ -358,10 +385,7 @@ class Receiver:
                 else:
                     complete = self.applier.apply(op, meta, bytes(data))
             except (PathError, ProtocolError) as exc:
-                self.refused += 1
-                self.last_error = str(exc)
-                log.warning("refused record %s: %s", seq, exc)
-                self.state_event("warning", "record_refused", f"refused record {op} {seq}: {exc}")
+                self._refused(op, seq, exc)
                 complete = True
             except OSError as exc:
                 self.last_error = f"apply {op} {meta.get('path')}: {exc}"
