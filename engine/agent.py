@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import select
 import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -56,6 +58,7 @@ class Agent:
         self.watcher: Watcher | None = None
         self.coalescer = Coalescer()
         self.flush_needed = asyncio.Event()
+        self._capture_stop = threading.Event()
         self.last_error = ""
         self.started = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -116,7 +119,8 @@ class Agent:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.watcher is not None:
-            asyncio.get_running_loop().remove_reader(self.watcher.fileno())
+            self._capture_stop.set()
+            await asyncio.to_thread(self._capture_thread.join)
             self.watcher.close()
 
     def _spawn(self, coro: Any) -> None:
@@ -133,24 +137,37 @@ class Agent:
     # -- capture (active) -------------------------------------------------------------
     async def _start_capture(self) -> None:
         self.watcher = Watcher(self.node.root, self.cluster.protected)
-        startup = self.watcher.start()
-        asyncio.get_running_loop().add_reader(self.watcher.fileno(), self._on_inotify)
+        startup = await asyncio.to_thread(self.watcher.start)
         self.journaler = Journaler(self.state.connect(), self.node.root, self.cluster.protected,
                                    self.cluster.replication)
         # Changes made while the agent was down: a rescan against what was shipped.
-        for change in startup + [Change("rescan", t.rel) for t in self.cluster.protected]:
-            self.coalescer.add(change)
+        self._on_changes(startup)  # subtrees that could not be watched
+        for tree in self.cluster.protected:
+            self.coalescer.add(Change("rescan", tree.rel))
         self.flush_needed.set()
+        self._capture_thread = threading.Thread(target=self._capture, args=(asyncio.get_running_loop(),),
+                                                name="capture", daemon=True)
+        self._capture_thread.start()
         self._spawn(self._flush_loop())
         self._spawn(self._rescan_loop())
 
-    def _on_inotify(self) -> None:
+    def _capture(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Read inotify in its own thread: scanning a new directory tree must not stall the loop."""
         assert self.watcher is not None
-        try:
-            changes = self.watcher.read()
-        except OSError as exc:
-            self.last_error = f"inotify read: {exc}"
-            changes = [Change("rescan", t.rel) for t in self.cluster.protected]
+        fd = self.watcher.fileno()
+        while not self._capture_stop.is_set():
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if not ready:
+                continue
+            try:
+                changes = self.watcher.read()
+            except OSError as exc:
+                self.last_error = f"inotify read: {exc}"
+                changes = [Change("rescan", t.rel) for t in self.cluster.protected]
+            if changes:
+                loop.call_soon_threadsafe(self._on_changes, changes)
+
+    def _on_changes(self, changes: list[Change]) -> None:
         for change in changes:
             if change.kind == "rescan":
                 self.event("warning", "rescan", f"rescan of {change.path}: inotify lost events or watches")
