@@ -558,13 +558,17 @@ def apply_edit(path: Path, plan: list[tuple[int, bytes]]) -> None:
         os.close(fd)
 
 
-def channel_bytes(src_host: str, dst_host: str) -> tuple[int, int]:
-    """(bytes_sent, bytes_received) of the active's TCP socket to the passive's channel port."""
-    text = run(["ss", "-tinH", "state", "established", "src", src_host, "dst", f"{dst_host}:{CHANNEL_PORT}"]).stdout
+def channel_bytes(dst_host: str) -> tuple[int, int]:
+    """(bytes_sent, bytes_received) of the active's TCP socket to the passive's channel port.
+
+    The active dials the passive (ids sort "primary" < "secondary"), so its end of the link is the
+    one socket whose peer is the passive's channel address; its source address is the kernel's choice.
+    """
+    text = run(["ss", "-tinH", "state", "established", "dst", f"{dst_host}:{CHANNEL_PORT}"]).stdout
     sent = re.findall(r"bytes_sent:(\d+)", text)
     received = re.findall(r"bytes_received:(\d+)", text)
     if len(sent) != 1:
-        raise RuntimeError(f"expected one channel socket {src_host} -> {dst_host}:{CHANNEL_PORT}, got:\n{text}")
+        raise RuntimeError(f"expected one channel socket to {dst_host}:{CHANNEL_PORT}, got:\n{text}")
     return int(sent[0]), int(received[0]) if received else 0
 
 
@@ -588,18 +592,18 @@ def delta_nf(original: Path, plans: dict[str, list[tuple[int, bytes]]], base: Pa
         shutil.copy2(original, target)
         c.up()
         c.wait_level(1800)
-        p_host, s_host = c.host("primary"), c.host("secondary")
+        s_host = c.host("secondary")
         for case, plan in plans.items():
             log(f"delta: nf, {case}")
             time.sleep(1.0)
             seq = c.journal_seq()
-            before = channel_bytes(p_host, s_host)
+            before = channel_bytes(s_host)
             t0 = time.monotonic()
             apply_edit(target, plan)
             c.wait_level(600, min_seq=seq + 1,
                          check=lambda: file_digest(target) == file_digest(c.data("secondary") / "big.bin"))
             seconds = time.monotonic() - t0
-            after = channel_bytes(p_host, s_host)
+            after = channel_bytes(s_host)
             res[case] = {"bytes_sent": after[0] - before[0], "bytes_received": after[1] - before[1],
                          "seconds": seconds}
     return res
@@ -732,6 +736,14 @@ def memory_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return [(what, nf_txt, "–", f"< 200 MB {verdict(r['primary_peak_rss_mib'] * MIB < 200e6)}")]
 
 
+def engine_version() -> str:
+    """The commit measured, marked dirty when engine/ has uncommitted changes (read-only git)."""
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "engine"],
+                           capture_output=True, text=True)
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 # -- main --------------------------------------------------------------------------------------
 PARTS: dict[str, Callable[[Sizes, Path], dict[str, Any]]] = {
     "sync": bench_sync, "lag": bench_lag, "delta": bench_delta, "memory": bench_memory}
@@ -753,7 +765,8 @@ def main(argv: list[str] | None = None) -> int:
     ensure_tools()
     CACHE.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="nf-bench-", dir="/tmp"))
-    results: dict[str, Any] = {"sizes": asdict(sizes), "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
+    results: dict[str, Any] = {"sizes": asdict(sizes), "engine": engine_version(),
+                               "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
     try:
         for part in parts:
             results[part] = PARTS[part](sizes, base)
@@ -762,6 +775,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(report(results, sizes))
+    print(f"\nEngine {results['engine']}; JSON in {args.out}; agent logs in bench/out/logs/.")
     return 0
 
 

@@ -81,7 +81,7 @@ class Agent:
             role = "active" if self.node.id == "primary" else "passive"
             self.state.put(role=role, epoch=1, node_id=self.node.id)
         if self.role == "active" and self.state.get("journal_id") is None:
-            self.state.put(journal_id=uuid.uuid4().hex)
+            self.state.put(journal_id=uuid.uuid4().hex, needs_baseline=1)
 
     @property
     def role(self) -> str:
@@ -142,9 +142,15 @@ class Agent:
                                    self.cluster.replication)
         # Changes made while the agent was down: a rescan against what was shipped.
         self._on_changes(startup)  # subtrees that could not be watched
-        for tree in self.cluster.protected:
-            self.coalescer.add(Change("rescan", tree.rel))
-        self.flush_needed.set()
+        if self.state.get_int("needs_baseline"):
+            n = await asyncio.to_thread(self.journaler.baseline)
+            self.state.put(needs_baseline=0)
+            self.event("info", "baseline", f"new journal {self.state.get('journal_id')}: {n} entries recorded "
+                       "as shipped; passives are brought level by block hashes")
+        else:
+            for tree in self.cluster.protected:
+                self.coalescer.add(Change("rescan", tree.rel))
+            self.flush_needed.set()
         self._capture_thread = threading.Thread(target=self._capture, args=(asyncio.get_running_loop(),),
                                                 name="capture", daemon=True)
         self._capture_thread.start()

@@ -68,6 +68,27 @@ class Journaler:
         count, self._count = self._count, 0
         return count
 
+    def baseline(self) -> int:
+        """Record the current trees as shipped without journaling them.
+
+        Used when this node starts a new journal (first start, or promotion): every passive
+        must then be brought level by block hashes anyway, so journaling the whole data set
+        as well would only write it twice.
+        """
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("DELETE FROM shipped")
+            n = 0
+            for tree in self.trees:
+                for entry in scan_tree(self.root, tree, block_size=self.block_size, with_hashes=True):
+                    self._ship(entry)
+                    n += 1
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        return n
+
     def rescan(self, path: str) -> int:
         """Compare a subtree with what was shipped and journal every difference."""
         tree = self._tree_of(path)
