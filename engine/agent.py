@@ -99,13 +99,13 @@ class Agent:
         self.event("info", "agent_started", f"agent {self.node.id} started as {self.role} at epoch {self.epoch}")
         for tree in self.cluster.protected:
             (self.node.root / tree.rel).mkdir(parents=True, exist_ok=True)
+        await self.api.start()  # answers status while capture starts on a large tree
         if self.role == "passive":
             self.receiver = Receiver(self.state, self.cluster, self.node, self.event)
             self._spawn(self.receiver.apply_forever())
         else:
             await self._start_capture()
         await self.channel.start()
-        await self.api.start()
         self._spawn(self._heartbeat_loop())
         self._spawn(self._maintenance_loop())
         await self.stopping.wait()
