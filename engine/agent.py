@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from engine.capture import Change, Coalescer, Watcher
 from engine.channel import Channel, Link
 from engine.config import ClusterConfig, NodeConfig, load_cluster, load_node
 from engine.errors import ApiError, ConfigError, NfError, ProtocolError
+from engine.ha import Decision, PeerView, Snapshot, decide
+from engine.identity import probe, provider_for
 from engine.journaler import Journaler
 from engine.protocol import Codec, Message
 from engine.replication import ManifestWaiter, PeerProgress, Receiver, Sender
@@ -32,6 +35,12 @@ from engine.verify import run_verify
 log = logging.getLogger("nf.agent")
 
 MAINTENANCE_INTERVAL = 1.0
+
+
+def _active_silent(s: Snapshot) -> bool:
+    """Whether the last known active has been silent past the timeout (worth probing)."""
+    active = next((p for p in s.peers if p.role == "active"), None)
+    return active is not None and not (active.silent_for is not None and active.silent_for <= s.failover_timeout)
 
 
 def find_cluster_config(node_toml: Path) -> Path:
@@ -62,6 +71,13 @@ class Agent:
         self.last_error = ""
         self.started = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._role_tasks: list[asyncio.Task[Any]] = []
+        self.ha_wake = asyncio.Event()
+        self.starting = True
+        self.intent: str | None = None
+        self.decisions: list[dict[str, Any]] = []
+        self._last_shape = ""
+        self.identity = provider_for(cluster.public.provider, cluster.name, node.id, cluster.public.addresses)
         peers = {n.id: (n.channel_host, n.channel_port) for n in cluster.nodes if n.id != node.id}
         me = cluster.node(node.id)
         self.channel = Channel(
@@ -72,7 +88,8 @@ class Agent:
         )
         self.api = ApiServer(node.socket, {
             "ping": self._api_ping, "status": self._api_status, "verify": self._api_verify,
-            "events": self._api_events, "rescan": self._api_rescan,
+            "events": self._api_events, "rescan": self._api_rescan, "why": self._api_why,
+            "failover": self._api_failover,
         })
 
     # -- role -------------------------------------------------------------------------
@@ -100,28 +117,155 @@ class Agent:
         for tree in self.cluster.protected:
             (self.node.root / tree.rel).mkdir(parents=True, exist_ok=True)
         await self.api.start()  # answers status while capture starts on a large tree
-        if self.role == "passive":
-            self.receiver = Receiver(self.state, self.cluster, self.node, self.event)
-            self._spawn(self.receiver.apply_forever())
-        else:
-            await self._start_capture()
         await self.channel.start()
+        if self.role == "active":
+            await self._check_before_acting()
+        self.starting = False
+        await self._enter_role()
         self._spawn(self._heartbeat_loop())
         self._spawn(self._maintenance_loop())
+        self._spawn(self._ha_loop())
         await self.stopping.wait()
         await self._shutdown()
 
     async def _shutdown(self) -> None:
         self.event("info", "agent_stopped", f"agent {self.node.id} stopping on request")
         await self.api.stop()
+        await self._leave_role()
         await self.channel.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- role changes -----------------------------------------------------------------
+    async def _enter_role(self) -> None:
+        if self.role == "passive":
+            self.receiver = Receiver(self.state, self.cluster, self.node, self.event)
+            self._spawn_role(self.receiver.apply_forever())
+        else:
+            await self._start_capture()
+            self._spawn_role(self.identity.take(self.epoch))  # may wait for a frozen old holder
+
+    async def _check_before_acting(self) -> None:
+        """A node that was active learns the cluster's epoch before it serves again.
+
+        After a crash or a long pause another node may have been promoted; taking the public
+        identity first would make two actives. Wait until every peer has said hello, or one
+        failover timeout, and step down at once if anyone is at a higher epoch.
+        """
+        deadline = time.monotonic() + self.cluster.heartbeat.failover_timeout
+        peers = {n.id for n in self.cluster.nodes} - {self.node.id}
+        while time.monotonic() < deadline and not peers <= set(self.views):
+            await asyncio.sleep(0.05)
+        highest = max((int(v.get("epoch") or 0) for v in self.views.values()), default=0)
+        if highest > self.epoch:
+            self.state.put(role="passive", epoch=highest)
+            self.event("warning", "role_changed", f"{self.node.id}: active -> passive at epoch {highest}: "
+                       f"stepping down at start: a peer is at epoch {highest}, above ours", old="active",
+                       new="passive", epoch=highest)
+        for link in list(self.channel.links.values()):
+            link.close()  # say hello again with the role this node now holds
+
+    async def _leave_role(self) -> None:
+        """Stop what the current role runs: the identity first, so it is released before anything else."""
+        await self.identity.release()
+        if self.receiver is not None:
+            async with self.receiver.apply_lock:  # never cut a batch in half
+                tasks, self._role_tasks = self._role_tasks, []
+                for task in tasks:
+                    task.cancel()
+            self.receiver = None
+        tasks, self._role_tasks = self._role_tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.watcher is not None:
             self._capture_stop.set()
             await asyncio.to_thread(self._capture_thread.join)
             self.watcher.close()
+            self.watcher = None
+            self._capture_stop = threading.Event()
+            self.coalescer = Coalescer()
+
+    async def _change_role(self, role: str, epoch: int, sentence: str) -> None:
+        old = self.role
+        await self._leave_role()
+        values: dict[str, object] = {"role": role, "epoch": epoch}
+        if role == "active":
+            values.update(journal_id=uuid.uuid4().hex, needs_baseline=1)
+        self.state.put(**values)
+        self.progress.clear()
+        self.event("warning", "role_changed", f"{self.node.id}: {old} -> {role} at epoch {epoch}: {sentence}",
+                   old=old, new=role, epoch=epoch)
+        for link in list(self.channel.links.values()):
+            link.close()  # peers learn the new role and journal in a fresh hello
+        await self._enter_role()
+
+    def _spawn_role(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(self._task_done)
+        self._role_tasks.append(task)
+
+    # -- the HA loop ------------------------------------------------------------------
+    async def _ha_loop(self) -> None:
+        interval = self.cluster.heartbeat.interval
+        next_run = time.monotonic() + interval
+        while True:
+            delay = next_run - time.monotonic()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(self.ha_wake.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+            self.ha_wake.clear()
+            next_run = max(next_run + interval, time.monotonic())
+            try:
+                await self.run_cycle()
+            except Exception as exc:  # the loop must outlive one bad cycle; say why
+                log.exception("HA cycle failed")
+                self.last_error = f"HA cycle: {exc}"
+
+    async def run_cycle(self) -> str:
+        snapshot = await self._snapshot()
+        decision = decide(snapshot)
+        self._record(decision)
+        if decision.action == "promote":
+            await self._change_role("active", decision.epoch, decision.sentence)
+        elif decision.action in ("step_down", "demote"):
+            await self._change_role("passive", decision.epoch, decision.sentence)
+        elif decision.action == "adopt":
+            self.state.put(epoch=decision.epoch)
+        return decision.sentence
+
+    async def _snapshot(self) -> Snapshot:
+        now = time.time()
+        peers = []
+        for spec in self.cluster.nodes:
+            if spec.id == self.node.id:
+                continue
+            v = self.views.get(spec.id, {})
+            seen = v.get("seen")
+            peers.append(PeerView(spec.id, v.get("role"), int(v.get("epoch") or 0),
+                                  None if seen is None else round(now - seen, 3),
+                                  int(v.get("applied_seq") or 0), spec.id in self.channel.links))
+        queue = self.state.recvq_stats()[0] if self.role == "passive" else 0
+        snap = Snapshot(self.node.id, self.role, self.epoch, tuple(peers), self.cluster.heartbeat.failover_timeout,
+                        queue_records=queue, applied_seq=self.state.get_int("applied_seq"),
+                        forced=self.intent == "failover")
+        if self.role == "passive" and not snap.forced and _active_silent(snap):
+            answer = await probe(self.cluster.name, self.cluster.public.addresses)
+            snap = replace(snap, active_answers=answer is not None and answer.node != self.node.id)
+        self.intent = None
+        return snap
+
+    def _record(self, decision: Decision) -> None:
+        shape = "".join(c for c in decision.sentence if not c.isdigit() and c != ".")
+        if shape != self._last_shape or decision.action != "none":
+            self._last_shape = shape
+            self.event("info" if decision.action == "none" else "warning", "decision", decision.sentence,
+                       action=decision.action)
+        self.decisions.append({"ts": time.time(), "action": decision.action, "sentence": decision.sentence})
+        del self.decisions[:-100]
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -154,8 +298,8 @@ class Agent:
         self._capture_thread = threading.Thread(target=self._capture, args=(asyncio.get_running_loop(),),
                                                 name="capture", daemon=True)
         self._capture_thread.start()
-        self._spawn(self._flush_loop())
-        self._spawn(self._rescan_loop())
+        self._spawn_role(self._flush_loop())
+        self._spawn_role(self._rescan_loop())
 
     def _capture(self, loop: asyncio.AbstractEventLoop) -> None:
         """Read inotify in its own thread: scanning a new directory tree must not stall the loop."""
@@ -221,7 +365,8 @@ class Agent:
         return Codec(max_frame=r.max_frame_bytes, compression=r.compression, level=r.compression_level)
 
     def _hello(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {"node": self.node.id, "role": self.role, "cluster": self.cluster.name}
+        role = "starting" if self.starting else self.role
+        fields: dict[str, Any] = {"node": self.node.id, "role": role, "cluster": self.cluster.name}
         if self.role == "active":
             fields["journal_id"] = self.state.get("journal_id")
             fields["journal_seq"] = self.state.journal_head()
@@ -240,9 +385,16 @@ class Agent:
             return
         self.event("info", "peer_connected", f"channel to {link.node} up ({link.hello.get('role')})")
         self.views[link.node] = {"role": link.hello.get("role"), "epoch": link.hello.get("epoch"), "seen": time.time()}
+        peer_epoch = link.hello.get("epoch") or 0
+        if peer_epoch > self.epoch:
+            if self.role == "passive":  # learn the fencing token at once, before any message is judged
+                self.state.put(epoch=peer_epoch)
+                self.event("info", "epoch_adopted", f"adopted epoch {peer_epoch} from {link.node}")
+            else:
+                self.ha_wake.set()  # an active that meets a higher epoch steps down this cycle
         waiter = self.manifests[link.node] = ManifestWaiter()
         sender_task: asyncio.Task[None] | None = None
-        if self.role == "active" and link.hello.get("role") == "passive":
+        if self.role == "active" and not self.starting and link.hello.get("role") == "passive":
             progress = self.progress.setdefault(link.node, self._load_progress(link.node))
             wake = asyncio.Event()
             self.journal_wake.add(wake)
@@ -461,6 +613,27 @@ class Agent:
         if not isinstance(limit, int) or not 1 <= limit <= 10000:
             raise ApiError("limit: expected an integer 1..10000", field="limit")
         return self.state.events(limit)
+
+    async def _api_why(self, req: dict[str, Any]) -> dict[str, Any]:
+        limit = req.get("limit", 20)
+        if not isinstance(limit, int) or not 1 <= limit <= 100:
+            raise ApiError("limit: expected an integer 1..100", field="limit")
+        return {"node": self.node.id, "role": self.role, "epoch": self.epoch, "decisions": self.decisions[-limit:]}
+
+    async def _api_failover(self, req: dict[str, Any]) -> dict[str, Any]:
+        if req.get("force") is not True:
+            raise ApiError("force: a forced failover must say force=true", field="force",
+                           hint="nf failover --force --to NODE, once you have decided the active is gone")
+        if self.role == "active":
+            return {"node": self.node.id, "outcome": "already active", "epoch": self.epoch}
+        self.intent = "failover"
+        self.ha_wake.set()
+        deadline = time.monotonic() + 30
+        while self.role != "active" and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.event("warning", "operator_failover", f"forced failover to {self.node.id} requested by the operator")
+        return {"node": self.node.id, "outcome": "promoted" if self.role == "active" else "scheduled",
+                "epoch": self.epoch}
 
     async def _api_rescan(self, _req: dict[str, Any]) -> dict[str, Any]:
         if self.role != "active":

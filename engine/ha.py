@@ -34,6 +34,7 @@ class Snapshot:
     applied_seq: int = 0
     active_answers: bool | None = None  # the last active's public/management address, probed from here
     public_ok: bool | None = None  # the public network probes (gateway, DNS); None: none configured
+    forced: bool = False  # an operator's `nf failover --force --to` this node
 
     def peer(self, node: str) -> PeerView | None:
         return next((p for p in self.peers if p.id == node), None)
@@ -41,7 +42,7 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Decision:
-    action: str  # "none" | "promote" | "demote" | "step_down"
+    action: str  # "none" | "promote" | "demote" | "step_down" | "adopt" (a higher epoch, as passive)
     sentence: str
     epoch: int = 0  # the epoch to adopt when the action changes role
     facts: dict[str, object] = field(default_factory=dict)
@@ -70,12 +71,18 @@ def _as_active(s: Snapshot, higher: PeerView | None) -> Decision:
 
 
 def _as_passive(s: Snapshot) -> Decision:
-    active = next((p for p in s.peers if p.role == "active" and p.epoch >= s.epoch), None)
-    if active is None:
-        active = next((p for p in s.peers if p.role == "active"), None)
+    if s.forced:
+        epoch = max([s.epoch, *(p.epoch for p in s.peers)]) + 1
+        return Decision("promote", f"promoted {s.node}: forced by the operator (nf failover --force), "
+                        f"epoch {epoch}", epoch=epoch)
+    actives = [p for p in s.peers if p.role == "active"]
+    active = max(actives, key=lambda p: (p.epoch, _alive(p, s.failover_timeout)), default=None)
     if active is None:
         return Decision("none", "waiting: no active node known yet")
     if _alive(active, s.failover_timeout):
+        if active.epoch > s.epoch:
+            return Decision("adopt", f"following {active.id} at epoch {active.epoch} (adopted; was {s.epoch})",
+                            epoch=active.epoch)
         return Decision("none", f"following {active.id} at epoch {active.epoch}")
     silent = "never heard" if active.silent_for is None else f"silent for {active.silent_for:.1f} s"
     if s.queue_records:
@@ -104,7 +111,8 @@ def _as_passive(s: Snapshot) -> Decision:
 
 
 def _alive(p: PeerView, timeout: float) -> bool:
-    return p.connected and p.silent_for is not None and p.silent_for <= timeout
+    """Heard within the timeout. A dropped link alone is no failure: only silence past the timeout is."""
+    return p.silent_for is not None and p.silent_for <= timeout
 
 
 def _rank(node: str) -> int:

@@ -116,12 +116,13 @@ def test_a_sequence_gap_is_refused_and_logged(demo: Demo) -> None:
     async def speak() -> bytes:
         reader, writer = await asyncio.open_connection(host, port, ssl=client_context(primary))
         codec = Codec(max_frame=cluster.replication.max_frame_bytes)
-        writer.write(codec.encode("hello", 1, {"node": "primary", "role": "active", "cluster": cluster.name}))
+        epoch = 10**6  # above anything the secondary holds, so only the gap can be refused
+        writer.write(codec.encode("hello", epoch, {"node": "primary", "role": "active", "cluster": cluster.name}))
         await codec.read(reader)
         held = demo.node_status("secondary")["applied_seq"]
         mkdir = {"path": "srv/data/gap", "mode": 0o755, "mtime_ns": 0}
         fields, payload = pack_batch([(held + 5, "mkdir", mkdir, b"", time.time())])
-        writer.write(codec.encode("recs", 1, fields, payload))
+        writer.write(codec.encode("recs", epoch, fields, payload))
         await writer.drain()
         try:
             while True:  # heartbeats until the secondary closes the link

@@ -70,3 +70,9 @@ def test_an_isolated_active_demotes_itself() -> None:
 def test_an_active_with_silent_peers_but_public_network_holds() -> None:
     s = Snapshot("primary", "active", 3, (PeerView("secondary", "passive", 3, 9.0),), TIMEOUT, public_ok=True)
     assert decide(s).action == "none"
+
+
+def test_a_passive_follows_the_active_with_the_highest_epoch() -> None:
+    peers = (PeerView("primary", "active", 1, 4.0), PeerView("secondary", "active", 2, 0.1, 3, True))
+    d = decide(passive(node="tertiary", peers=peers))
+    assert d == Decision("adopt", "following secondary at epoch 2 (adopted; was 1)", epoch=2)
