@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from nftui.commands import agent, demo, init, status, verify
+from nftui.commands import agent, demo, failover, init, status, verify, why
 
 app = typer.Typer(
     name="nf",
@@ -16,6 +16,8 @@ app.command()(agent.agent)
 app.command()(init.init)
 app.command()(status.status)
 app.command()(verify.verify)
+app.command()(why.why)
+app.command()(failover.failover)
 app.add_typer(demo.app, name="demo")
 
 
