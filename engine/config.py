@@ -101,7 +101,7 @@ class PublicIdentity:
 
 @dataclass(frozen=True)
 class ReplicationSettings:
-    block_size: int = 65536  # power of two, 4 KiB .. 4 MiB
+    block_size: int = 8192  # power of two, 4 KiB .. 4 MiB; 8 KiB keeps unaligned edits near 1.1x
     compression: str = "zstd"  # "zstd" | "none"
     compression_level: int = 3  # 1..19
     rescan_interval: float = 3600.0  # seconds, > 0

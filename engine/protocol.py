@@ -25,6 +25,7 @@ FLAG_ZSTD = 0x01
 _HEAD = struct.Struct(">IBI")
 HEADER_MAX = 1 << 20
 MIN_COMPRESS = 512
+SAMPLE = 64 << 10
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Codec:
         header["epoch"] = epoch
         raw_header = json.dumps(header, separators=(",", ":")).encode()
         flags = 0
-        if self.compress and len(payload) >= MIN_COMPRESS:
+        if self.compress and len(payload) >= MIN_COMPRESS and self._worth_compressing(payload):
             packed = self._cctx.compress(payload)
             if len(packed) < len(payload):
                 payload, flags = packed, FLAG_ZSTD
@@ -75,6 +76,13 @@ class Codec:
         if frame_len > self.max_frame + HEADER_MAX:
             raise ProtocolError(f"frame of {frame_len} bytes exceeds the limit of {self.max_frame}")
         return _HEAD.pack(frame_len, flags, len(raw_header)) + raw_header + payload
+
+    def _worth_compressing(self, payload: bytes) -> bool:
+        """Sample large payloads first: compressing incompressible megabytes only burns CPU."""
+        if len(payload) <= SAMPLE:
+            return True
+        sample = payload[:SAMPLE]
+        return len(self._cctx.compress(sample)) < SAMPLE * 0.9
 
     async def read(self, reader: asyncio.StreamReader) -> Message:
         """Read one frame; raises IncompleteReadError at a clean end of stream."""

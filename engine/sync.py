@@ -76,7 +76,9 @@ def _file_records(root: Path, a: Entry, p: Entry | None, block_size: int, chunk:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return
-        hashes = hash_file(fd, block_size)
+        # The scan that found this difference hashed the file; hash again only if it changed since.
+        same_version = a.hashes is not None and (st.st_size, st.st_mtime_ns) == (a.size, a.mtime_ns)
+        hashes = a.hashes if same_version else hash_file(fd, block_size)
         fresh = p is None or p.kind != "file" or p.hashes is None
         blocks = changed_blocks(None if fresh else p.hashes, hashes)  # type: ignore[union-attr]
         gid = -next(_gids) if blocks else None

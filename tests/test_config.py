@@ -124,7 +124,7 @@ TERTIARY = '\n[[nodes]]\nid = "tertiary"\nchannel = "127.0.10.4:7780"\nmanagemen
     ('include = []', 'include = []\n[replication]\nblock_size = 5000', "replication.block_size"),
     ('include = []', 'include = []\n[replication]\nblock_size = 2048', "replication.block_size"),
     ('include = []', 'include = []\n[replication]\nblock_size = true', "replication.block_size"),
-    ('include = []', 'include = []\n[replication]\nmax_frame_bytes = 65536', "replication.max_frame_bytes"),
+    ('include = []', 'include = []\n[replication]\nmax_frame_bytes = 8192', "replication.max_frame_bytes"),
     ('include = []', 'include = []\n[replication]\ncompression_level = 22', "replication.compression_level"),
     ('include = []', 'include = []\n[heartbeat]\ninterval = 2', "heartbeat.failover_timeout"),
     ('include = []', 'include = []\n[heartbeat]\ninterval = 0', "heartbeat.interval"),
