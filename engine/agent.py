@@ -193,6 +193,10 @@ class Agent:
         values: dict[str, object] = {"role": role, "epoch": epoch}
         if role == "active":
             values.update(journal_id=uuid.uuid4().hex, needs_baseline=1)
+            with self.state.db:  # positions of an earlier term refer to another journal
+                self.state.db.execute("BEGIN IMMEDIATE")
+                self.state.db.execute("DELETE FROM peers")
+                self.state.db.execute("DELETE FROM dirty")
         self.state.put(**values)
         self.progress.clear()
         self.event("warning", "role_changed", f"{self.node.id}: {old} -> {role} at epoch {epoch}: {sentence}",
