@@ -30,6 +30,7 @@ from engine.protocol import Codec, Message
 from engine.replication import ManifestWaiter, PeerProgress, Receiver, Sender
 from engine.state import State
 from engine.tls import client_context, server_context
+from engine.switchover import switchover
 from engine.verify import run_verify
 
 log = logging.getLogger("nf.agent")
@@ -89,7 +90,7 @@ class Agent:
         self.api = ApiServer(node.socket, {
             "ping": self._api_ping, "status": self._api_status, "verify": self._api_verify,
             "events": self._api_events, "rescan": self._api_rescan, "why": self._api_why,
-            "failover": self._api_failover,
+            "failover": self._api_failover, "switchover": self._api_switchover,
         })
 
     # -- role -------------------------------------------------------------------------
@@ -255,8 +256,8 @@ class Agent:
         queue = self.state.recvq_stats()[0] if self.role == "passive" else 0
         snap = Snapshot(self.node.id, self.role, self.epoch, tuple(peers), self.cluster.heartbeat.failover_timeout,
                         queue_records=queue, applied_seq=self.state.get_int("applied_seq"),
-                        forced=self.intent == "failover")
-        if self.role == "passive" and not snap.forced and _active_silent(snap):
+                        intent=self.intent)
+        if self.role == "passive" and not snap.intent and _active_silent(snap):
             answer = await probe(self.cluster.name, self.cluster.public.addresses)
             snap = replace(snap, active_answers=answer is not None and answer.node != self.node.id)
         self.intent = None
@@ -456,6 +457,11 @@ class Agent:
             if self.receiver is None:
                 raise ProtocolError("manifest_req sent to the active")
             asyncio.ensure_future(self.receiver.on_manifest_req(link, msg))
+        elif t == "handover":
+            if self.role != "passive" or link.hello.get("role") != "active":
+                raise ProtocolError(f"handover from {link.node}, which is not our active")
+            self.intent = f"switchover from {link.node}"
+            self.ha_wake.set()
         elif t in ("manifest", "manifest_end"):
             self.manifests[link.node].on_message(msg)
         else:
@@ -638,6 +644,22 @@ class Agent:
         self.event("warning", "operator_failover", f"forced failover to {self.node.id} requested by the operator")
         return {"node": self.node.id, "outcome": "promoted" if self.role == "active" else "scheduled",
                 "epoch": self.epoch}
+
+    async def _api_switchover(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Planned role change: drain, release, hand over; nothing written before it is lost."""
+        if self.role != "active":
+            raise ApiError("switchover runs on the active node", hint="nf status shows which node is active")
+        target = req.get("to")
+        passives = [n for n in self.senders if not self.progress[n].syncing]
+        if target is None:
+            if not passives:
+                raise ApiError("no connected, level passive to switch over to", hint="nf status")
+            target = max(passives, key=lambda n: self.progress[n].acked_applied)
+        if not isinstance(target, str) or target not in {n.id for n in self.cluster.nodes} - {self.node.id}:
+            raise ApiError(f"to: expected a passive node of this cluster, got {target!r}", field="to")
+        if target not in passives:
+            raise ApiError(f"to: {target} is not connected and level", field="to", hint="nf status")
+        return await switchover(self, target)
 
     async def _api_rescan(self, _req: dict[str, Any]) -> dict[str, Any]:
         if self.role != "active":

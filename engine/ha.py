@@ -34,7 +34,7 @@ class Snapshot:
     applied_seq: int = 0
     active_answers: bool | None = None  # the last active's public/management address, probed from here
     public_ok: bool | None = None  # the public network probes (gateway, DNS); None: none configured
-    forced: bool = False  # an operator's `nf failover --force --to` this node
+    intent: str | None = None  # "failover" (nf failover --force) or "switchover from NODE"
 
     def peer(self, node: str) -> PeerView | None:
         return next((p for p in self.peers if p.id == node), None)
@@ -71,10 +71,10 @@ def _as_active(s: Snapshot, higher: PeerView | None) -> Decision:
 
 
 def _as_passive(s: Snapshot) -> Decision:
-    if s.forced:
+    if s.intent:
         epoch = max([s.epoch, *(p.epoch for p in s.peers)]) + 1
-        return Decision("promote", f"promoted {s.node}: forced by the operator (nf failover --force), "
-                        f"epoch {epoch}", epoch=epoch)
+        why = "forced by the operator (nf failover --force)" if s.intent == "failover" else s.intent
+        return Decision("promote", f"promoted {s.node}: {why}, epoch {epoch}", epoch=epoch)
     actives = [p for p in s.peers if p.role == "active"]
     active = max(actives, key=lambda p: (p.epoch, _alive(p, s.failover_timeout)), default=None)
     if active is None:

@@ -12,6 +12,7 @@ import json
 import os
 import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ class Journaler:
         self.block_size = settings.block_size
         self.chunk = max(settings.block_size, min(4 << 20, settings.max_frame_bytes // 2))
         self._count, self._pending_bytes = 0, 0
+        self._lock = threading.Lock()  # the flush loop and a switchover's last rescan never overlap
 
     def process(self, changes: Iterable[Change]) -> int:
         """Journal every change; returns the number of records appended.
@@ -47,6 +49,10 @@ class Journaler:
         Changes are committed in groups (one fsync per group rather than per file), and a
         group never ends inside one change, so the journal holds whole versions only.
         """
+        with self._lock:
+            return self._process(changes)
+
+    def _process(self, changes: Iterable[Change]) -> int:
         self._begin()
         try:
             for change in changes:

@@ -20,7 +20,7 @@ DRAIN_TIMEOUT = 120.0
 
 async def run_verify(agent: "Agent", *, repair: bool) -> dict[str, Any]:
     t0 = time.monotonic()
-    head = await _quiesce(agent)
+    head = await quiesce(agent)
     nodes: list[dict[str, Any]] = []
     for spec in agent.cluster.nodes:
         if spec.id == agent.node.id:
@@ -30,7 +30,7 @@ async def run_verify(agent: "Agent", *, repair: bool) -> dict[str, Any]:
             nodes.append({"id": spec.id, "checked": False, "error": "not connected", "differences": []})
             continue
         try:
-            await _drained(agent, spec.id, head)
+            await wait_applied(agent, spec.id, head)
             found = []
             for tree in agent.cluster.protected:
                 found.extend(await sender.compare(tree.rel))
@@ -61,7 +61,7 @@ async def run_verify(agent: "Agent", *, repair: bool) -> dict[str, Any]:
     return result
 
 
-async def _quiesce(agent: "Agent") -> int:
+async def quiesce(agent: "Agent") -> int:
     """Wait until captured changes are journaled; return the journal head to drain to."""
     deadline = time.monotonic() + DRAIN_TIMEOUT
     while len(agent.coalescer) or agent.flush_needed.is_set():
@@ -71,7 +71,7 @@ async def _quiesce(agent: "Agent") -> int:
     return agent.state.journal_head()
 
 
-async def _drained(agent: "Agent", node: str, head: int) -> None:
+async def wait_applied(agent: "Agent", node: str, head: int) -> None:
     deadline = time.monotonic() + DRAIN_TIMEOUT
     progress = agent.progress[node]
     while progress.acked_applied < head or progress.syncing:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from nftui.commands import agent, demo, failover, init, status, verify, why
+from nftui.commands import agent, demo, failover, init, status, switchover, verify, why
 
 app = typer.Typer(
     name="nf",
@@ -18,6 +18,7 @@ app.command()(status.status)
 app.command()(verify.verify)
 app.command()(why.why)
 app.command()(failover.failover)
+app.command()(switchover.switchover)
 app.add_typer(demo.app, name="demo")
 
 

@@ -12,7 +12,7 @@ from nftui.demo import create
 
 
 @pytest.mark.parametrize("args", [[], ["agent"], ["init"], ["status"], ["verify"], ["demo"], ["demo", "up"],
-                                  ["demo", "down"], ["demo", "kill"], ["demo", "start"], ["why"], ["failover"]])
+                                  ["demo", "down"], ["demo", "kill"], ["demo", "start"], ["why"], ["failover"], ["switchover"]])
 def test_every_command_has_help(args: list[str]) -> None:
     out = nf(*args, "--help").stdout
     assert "Usage" in out and "--help" in out

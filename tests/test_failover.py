@@ -58,3 +58,33 @@ def test_forced_failover_to_a_named_node(demo: Demo) -> None:
     assert out["outcome"] == "promoted"
     wait_for(lambda: demo.node_status("tertiary")["role"] == "active", 10, "tertiary active")
     wait_for(lambda: demo.node_status("secondary")["role"] == "passive", 10, "secondary following it")
+
+
+def _checksums(root) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and ".nf-stage" not in p.parts}
+
+
+def test_switchover_there_and_back_loses_nothing(demo: Demo) -> None:
+    import os
+
+    demo.up(nodes=2)
+    d = demo.data("primary")
+    for i in range(200):
+        (d / f"s{i:03d}").write_bytes(os.urandom(2000 + i))
+    out = json.loads(nf("switchover", "--config", str(demo.config), "--json").stdout)
+    assert out["to"] == "secondary" and out["took_over"] and out["lost_records"] == 0
+    assert out["unavailable_seconds"] < 5
+    assert _checksums(demo.data("secondary")) == _checksums(d)
+    wait_for(lambda: demo.node_status("secondary")["role"] == "active"
+             and demo.node_status("primary")["role"] == "passive", 10, "roles swapped")
+
+    wait_for(lambda: not demo.node_status("primary").get("syncing", True), 30, "the old primary to be level")
+    (demo.data("secondary") / "written-on-secondary").write_bytes(os.urandom(5000))
+    back = json.loads(nf("switchover", "--to", "primary", "--config", str(demo.config), "--json").stdout)
+    assert back["to"] == "primary" and back["took_over"]
+    assert _checksums(d) == _checksums(demo.data("secondary"))
+    assert (d / "written-on-secondary").exists()
+    assert _holder(demo) == "primary"
