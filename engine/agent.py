@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from engine.alerts import Alerter
 from engine.api import ApiServer
 from engine.capture import Change, Coalescer, Watcher
 from engine.channel import Channel, Link
@@ -78,6 +79,7 @@ class Agent:
         self.intent: str | None = None
         self.decisions: list[dict[str, Any]] = []
         self._last_shape = ""
+        self.alerter = Alerter(cluster.alerts, cluster.name, node.id)
         self.identity = provider_for(cluster.public.provider, cluster.name, node.id, cluster.public.addresses)
         peers = {n.id: (n.channel_host, n.channel_port) for n in cluster.nodes if n.id != node.id}
         me = cluster.node(node.id)
@@ -134,6 +136,7 @@ class Agent:
         await self.api.stop()
         await self._leave_role()
         await self.channel.stop()
+        await self.alerter.drain()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -610,6 +613,7 @@ class Agent:
             self.state.event(level, kind, message, **data)
         except Exception:  # the event log must never take the agent down
             log.exception("could not store event")
+        self.alerter.submit(level, kind, message)
 
     # -- API handlers -----------------------------------------------------------------
     async def _api_ping(self, _req: dict[str, Any]) -> dict[str, Any]:

@@ -117,6 +117,31 @@ class HeartbeatSettings:
 
 
 @dataclass(frozen=True)
+class EmailAlerts:
+    host: str
+    port: int
+    sender: str
+    recipients: tuple[str, ...]
+    starttls: bool = False
+    username: str = ""
+    password_file: Path | None = None  # mode 0600; read when an alert is sent
+
+
+@dataclass(frozen=True)
+class WebhookAlerts:
+    url: str
+    token_file: Path | None = None  # sent as "Authorization: Bearer <token>"; mode 0600
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    rate_limit: float = 60.0  # seconds between two alerts of one kind on one sink
+    email: EmailAlerts | None = None
+    webhook: WebhookAlerts | None = None
+    syslog: bool = False
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     name: str
     public: PublicIdentity
@@ -125,6 +150,7 @@ class ClusterConfig:
     replication: ReplicationSettings
     heartbeat: HeartbeatSettings
     path: Path
+    alerts: AlertSettings = AlertSettings()
 
     def node(self, node_id: str) -> NodeSpec:
         """The node with this id; a ConfigError naming the known ids otherwise."""
@@ -154,7 +180,7 @@ def load_cluster(path: str | Path) -> ClusterConfig:
     """Read and validate cluster.toml."""
     file = str(path)
     top = _Reader(file, "", _read_toml(file))
-    top.only("cluster", "public", "nodes", "protected", "replication", "heartbeat")
+    top.only("cluster", "public", "nodes", "protected", "replication", "heartbeat", "alerts")
     cluster = top.table("cluster")
     name = cluster.text("name", "a cluster name matching [a-z0-9-]{1,63}", pattern=r"[a-z0-9-]{1,63}")
     cluster.done()
@@ -163,8 +189,9 @@ def load_cluster(path: str | Path) -> ClusterConfig:
     protected = _protected(top)
     replication = _replication(top.table("replication", required=False))
     heartbeat = _heartbeat(top.table("heartbeat", required=False))
+    alerts = _alerts(top.table("alerts", required=False), Path(path).absolute().parent)
     top.done()
-    return ClusterConfig(name, public, nodes, protected, replication, heartbeat, Path(path).absolute())
+    return ClusterConfig(name, public, nodes, protected, replication, heartbeat, Path(path).absolute(), alerts)
 
 
 def load_node(path: str | Path, cluster: ClusterConfig | None = None) -> NodeConfig:
@@ -465,6 +492,59 @@ def _heartbeat(r: _Reader) -> HeartbeatSettings:
                        f"seconds, more than 2 * interval ({2 * interval:g})")
     r.done()
     return HeartbeatSettings(interval, timeout)
+
+
+def _alerts(r: _Reader, base: Path) -> AlertSettings:
+    r.only("rate_limit", "email", "webhook", "syslog")
+    rate = r.number("rate_limit", AlertSettings.rate_limit, lambda v: v >= 0, "seconds, 0 or more")
+    email = webhook = None
+    if "email" in r.data:
+        e = r.table("email")
+        e.only("host", "port", "from", "to", "starttls", "username", "password_file")
+        email = EmailAlerts(
+            e.text("host", "the SMTP server's host name or address"),
+            e.integer("port", 25, lambda v: 0 < v < 65536, "a port 1..65535"),
+            e.text("from", "a sender address like nf@example.com", pattern=r"[^@\s]+@[^@\s]+"),
+            e.strings("to", "a list of recipient addresses"),
+            _flag(e, "starttls"),
+            e.text("username", "a login name", default=""),
+            _secret(e, "password_file", base),
+        )
+        if not email.recipients:
+            raise e.error("to", "at least one recipient address", [])
+        e.done()
+    if "webhook" in r.data:
+        w = r.table("webhook")
+        w.only("url", "token_file")
+        webhook = WebhookAlerts(w.text("url", "an http:// or https:// URL", pattern=r"https?://\S+"),
+                                _secret(w, "token_file", base))
+        w.done()
+    syslog = _flag(r, "syslog")
+    r.done()
+    return AlertSettings(rate, email, webhook, syslog)
+
+
+def _flag(r: _Reader, key: str) -> bool:
+    value = r.raw(key, False)
+    if not isinstance(value, bool):
+        raise r.error(key, "true or false", value)
+    return value
+
+
+def _secret(r: _Reader, key: str, base: Path) -> Path | None:
+    """A secret lives in a file only the agent's user can read; never inline in the config."""
+    value = r.text(key, "a path to a file with mode 0600", default="")
+    if not value:
+        return None
+    path = _resolve(base, value)
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        raise r.error(key, "an existing file with mode 0600", str(path)) from None
+    if mode & 0o077:
+        raise r.error(key, "a file with mode 0600 (no group or other access)", f"{str(path)} mode {mode & 0o777:o}",
+                      hint=f"chmod 600 {path}")
+    return path
 
 
 def _check_key_mode(tls: _Reader, key: Path) -> None:

@@ -1,0 +1,106 @@
+"""Alerts: warning and error events go to email, a webhook and syslog, rate-limited per kind.
+
+Sending happens in worker threads and never blocks the agent's loop; a sink that fails logs
+why and the next alert tries again. Secrets (SMTP password, webhook token) are read from their
+files at send time, so rotating them needs no restart, and they never reach a log line.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import smtplib
+import socket
+import ssl
+import syslog
+import time
+import urllib.request
+from email.message import EmailMessage
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.config import AlertSettings, EmailAlerts, WebhookAlerts
+
+log = logging.getLogger("nf.alerts")
+
+SEND_TIMEOUT = 10.0
+LEVELS = ("warning", "error")
+
+
+class Alerter:
+    def __init__(self, settings: "AlertSettings", cluster: str, node: str) -> None:
+        self.settings = settings
+        self.cluster = cluster
+        self.node = node
+        self._last: dict[tuple[str, str], float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def enabled(self) -> bool:
+        s = self.settings
+        return bool(s.email or s.webhook or s.syslog)
+
+    def submit(self, level: str, kind: str, message: str) -> None:
+        """Queue an alert for every sink whose rate limit allows it; returns at once."""
+        if level not in LEVELS or not self.enabled:
+            return
+        alert = {"cluster": self.cluster, "node": self.node, "level": level, "kind": kind,
+                 "message": message, "ts": time.time()}
+        for sink in ("email", "webhook", "syslog"):
+            if getattr(self.settings, sink) and self._allowed(sink, kind):
+                task = asyncio.ensure_future(asyncio.to_thread(self._send, sink, alert))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for alerts in flight (at shutdown)."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=SEND_TIMEOUT)
+
+    def _allowed(self, sink: str, kind: str) -> bool:
+        now = time.monotonic()
+        last = self._last.get((sink, kind))
+        if last is not None and now - last < self.settings.rate_limit:
+            return False
+        self._last[(sink, kind)] = now
+        return True
+
+    def _send(self, sink: str, alert: dict[str, Any]) -> None:
+        try:
+            if sink == "email":
+                assert self.settings.email is not None
+                _email(self.settings.email, alert)
+            elif sink == "webhook":
+                assert self.settings.webhook is not None
+                _webhook(self.settings.webhook, alert)
+            else:
+                priority = syslog.LOG_ERR if alert["level"] == "error" else syslog.LOG_WARNING
+                syslog.openlog("nf", syslog.LOG_PID, syslog.LOG_DAEMON)
+                syslog.syslog(priority, f"{alert['cluster']}/{alert['node']} {alert['kind']}: {alert['message']}")
+        except (OSError, smtplib.SMTPException, ValueError) as exc:
+            log.warning("alert to %s failed: %s", sink, type(exc).__name__ if "password" in str(exc).lower() else exc)
+
+
+def _email(cfg: "EmailAlerts", alert: dict[str, Any]) -> None:
+    msg = EmailMessage()
+    msg["From"] = cfg.sender
+    msg["To"] = ", ".join(cfg.recipients)
+    msg["Subject"] = f"[nf {alert['cluster']}] {alert['level']}: {alert['kind']} on {alert['node']}"
+    msg.set_content(f"{alert['message']}\n\ncluster {alert['cluster']}, node {alert['node']}, "
+                    f"at {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(alert['ts']))}\n")
+    with smtplib.SMTP(cfg.host, cfg.port, timeout=SEND_TIMEOUT, local_hostname=socket.gethostname()) as smtp:
+        if cfg.starttls:
+            smtp.starttls(context=ssl.create_default_context())
+        if cfg.username and cfg.password_file:
+            smtp.login(cfg.username, cfg.password_file.read_text().strip())
+        smtp.send_message(msg)
+
+
+def _webhook(cfg: "WebhookAlerts", alert: dict[str, Any]) -> None:
+    headers = {"Content-Type": "application/json", "User-Agent": "nf-alerts"}
+    if cfg.token_file:
+        headers["Authorization"] = f"Bearer {cfg.token_file.read_text().strip()}"
+    req = urllib.request.Request(cfg.url, data=json.dumps(alert).encode(), headers=headers, method="POST")
+    with urllib.request.urlopen(req, timeout=SEND_TIMEOUT) as resp:
+        if resp.status >= 300:
+            raise OSError(f"webhook answered HTTP {resp.status}")
