@@ -277,7 +277,11 @@ class Cluster:
             if tick:
                 tick()
             now = time.monotonic()
-            if self.level(self.status(), min_seq) and check():
+            st = self.status()
+            if st is not None and st["role"] == "passive":  # stepped down: something went wrong
+                raise RuntimeError(f"the primary is no longer active ({st['role']} at epoch {st['epoch']}); "
+                                   f"see {self.workdir}/*/agent.log")
+            if self.level(st, min_seq) and check():
                 return now
             time.sleep(0.02)
         raise TimeoutError(f"nf did not reach level within {timeout:.0f} s; see {self.workdir}/*/agent.log")

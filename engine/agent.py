@@ -259,7 +259,7 @@ class Agent:
         queue = self.state.recvq_stats()[0] if self.role == "passive" else 0
         snap = Snapshot(self.node.id, self.role, self.epoch, tuple(peers), self.cluster.heartbeat.failover_timeout,
                         queue_records=queue, applied_seq=self.state.get_int("applied_seq"),
-                        intent=self.intent)
+                        intent=self.intent, level=self.state.get("source_journal_id") is not None)
         if self.role == "passive" and not snap.intent and _active_silent(snap):
             answer = await probe(self.cluster.name, self.cluster.public.addresses)
             snap = replace(snap, active_answers=answer is not None and answer.node != self.node.id)
@@ -455,6 +455,7 @@ class Agent:
             if p is not None:
                 p.acked_received = max(p.acked_received, msg.get("received", int))
                 p.acked_applied = max(p.acked_applied, msg.get("applied", int))
+                p.source = msg.get("source", str, optional=True)
                 p.ack_event.set()
         elif t == "manifest_req":
             if self.receiver is None:

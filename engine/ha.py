@@ -35,6 +35,7 @@ class Snapshot:
     active_answers: bool | None = None  # the last active's public/management address, probed from here
     public_ok: bool | None = None  # the public network probes (gateway, DNS); None: none configured
     intent: str | None = None  # "failover" (nf failover --force) or "switchover from NODE"
+    level: bool = True  # this passive has been level with an active at least once
 
     def peer(self, node: str) -> PeerView | None:
         return next((p for p in self.peers if p.id == node), None)
@@ -85,6 +86,9 @@ def _as_passive(s: Snapshot) -> Decision:
                             epoch=active.epoch)
         return Decision("none", f"following {active.id} at epoch {active.epoch}")
     silent = "never heard" if active.silent_for is None else f"silent for {active.silent_for:.1f} s"
+    if not s.level:
+        return Decision("none", f"not promoting: {active.id} {silent}, but this node was never level with "
+                        "an active (its initial sync has not finished), so it holds no copy to serve")
     if s.queue_records:
         return Decision("none", f"not promoting: {active.id} {silent}, but {s.queue_records} received "
                         "record(s) are not applied yet")

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 Record = tuple[str, dict[str, Any], bytes]
 
-GROUP_BYTES = 64 << 20
+GROUP_BYTES = 16 << 20
+GROUP_SECONDS = 0.2  # a group never holds the database's write lock for longer
 
 
 class Journaler:
@@ -40,7 +41,7 @@ class Journaler:
         self.trees = tuple(trees)
         self.block_size = settings.block_size
         self.chunk = max(settings.block_size, min(4 << 20, settings.max_frame_bytes // 2))
-        self._count, self._pending_bytes = 0, 0
+        self._count, self._pending_bytes, self._opened = 0, 0, 0.0
         self._lock = threading.Lock()  # the flush loop and a switchover's last rescan never overlap
 
     def process(self, changes: Iterable[Change]) -> int:
@@ -81,14 +82,18 @@ class Journaler:
         must then be brought level by block hashes anyway, so journaling the whole data set
         as well would only write it twice.
         """
+        # Short transactions: the agent's loop writes events to the same database.
+        self.db.execute("DELETE FROM shipped")
+        n = 0
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.execute("DELETE FROM shipped")
-            n = 0
             for tree in self.trees:
                 for entry in scan_tree(self.root, tree, block_size=self.block_size, with_hashes=True):
                     self._ship(entry)
                     n += 1
+                    if n % 2000 == 0:
+                        self.db.execute("COMMIT")
+                        self.db.execute("BEGIN IMMEDIATE")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
@@ -181,11 +186,11 @@ class Journaler:
     # -- storage ----------------------------------------------------------------------
     def _begin(self) -> None:
         self.db.execute("BEGIN IMMEDIATE")
-        self._count, self._pending_bytes = 0, 0
+        self._count, self._pending_bytes, self._opened = 0, 0, time.monotonic()
 
     def _append(self, records: Iterator[Record]) -> int:
         """Append one change's records; commit the group first if it has grown large."""
-        if self._pending_bytes > GROUP_BYTES:
+        if self._pending_bytes > GROUP_BYTES or time.monotonic() - self._opened > GROUP_SECONDS:
             self.db.execute("COMMIT")
             self._begin_keep_count()
         n = 0
@@ -202,7 +207,7 @@ class Journaler:
 
     def _begin_keep_count(self) -> None:
         self.db.execute("BEGIN IMMEDIATE")
-        self._pending_bytes = 0
+        self._pending_bytes, self._opened = 0, time.monotonic()
 
     def _next_seq(self) -> int:
         row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='journal'").fetchone()

@@ -121,6 +121,7 @@ class PeerProgress:
     acked_applied: int = 0
     journal_id: str | None = None
     syncing: bool = False
+    source: str | None = None  # the journal the passive last applied a level record of
     synced_paths: int = 0
     sync_total: int = 0
     ack_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -192,7 +193,7 @@ class Sender:
     async def sync(self, paths: list[str], head: int, *, reason: str) -> list[Difference]:
         """Bring the passive level for these subtrees, then mark it level at journal `head`."""
         p = self.progress
-        p.syncing, p.synced_paths, p.sync_total = True, 0, len(paths)
+        p.syncing, p.synced_paths, p.sync_total, p.source = True, 0, len(paths), None
         self.on_event("info", "sync_started", f"{reason} of {p.node}: {len(paths)} tree(s), journal at {head}")
         t0 = time.monotonic()
         total: list[Difference] = []
@@ -203,6 +204,9 @@ class Sender:
                 await self.send_repairs(differences)
                 p.synced_paths += 1
             await self._send([(None, "level", {"journal_id": self.journal_id, "head": head}, b"", time.time())])
+            while p.source != self.journal_id and not self.link.closed:  # level once it is *applied*
+                p.ack_event.clear()
+                await p.ack_event.wait()
         finally:
             p.syncing = False
         self.on_event("info", "sync_done",
@@ -311,7 +315,8 @@ class Receiver:
     async def _ack(self) -> None:
         if self.link is not None and not self.link.closed:
             try:
-                await self.link.send("ack", {"received": self.received_seq, "applied": self._done_seq})
+                await self.link.send("ack", {"received": self.received_seq, "applied": self._done_seq,
+                                             "source": self.journal_id})
             except (ConnectionError, OSError):
                 pass
 

@@ -76,3 +76,8 @@ def test_a_passive_follows_the_active_with_the_highest_epoch() -> None:
     peers = (PeerView("primary", "active", 1, 4.0), PeerView("secondary", "active", 2, 0.1, 3, True))
     d = decide(passive(node="tertiary", peers=peers))
     assert d == Decision("adopt", "following secondary at epoch 2 (adopted; was 1)", epoch=2)
+
+
+def test_a_passive_that_was_never_level_does_not_promote() -> None:
+    d = decide(passive(peers=(PeerView("primary", "active", 1, 9.0),), active_answers=False, level=False))
+    assert d.action == "none" and "never level" in d.sentence
