@@ -75,6 +75,7 @@ class Agent:
         self._tasks: list[asyncio.Task[Any]] = []
         self._role_tasks: list[asyncio.Task[Any]] = []
         self.ha_wake = asyncio.Event()
+        self.capture_ready = asyncio.Event()
         self.starting = True
         self.intent: str | None = None
         self.decisions: list[dict[str, Any]] = []
@@ -124,8 +125,8 @@ class Agent:
         if self.role == "active":
             await self._check_before_acting()
         self.starting = False
+        self._spawn(self._heartbeat_loop())  # before capture: a long start-up scan must not look like silence
         await self._enter_role()
-        self._spawn(self._heartbeat_loop())
         self._spawn(self._maintenance_loop())
         self._spawn(self._ha_loop())
         await self.stopping.wait()
@@ -172,6 +173,7 @@ class Agent:
 
     async def _leave_role(self) -> None:
         """Stop what the current role runs: the identity first, so it is released before anything else."""
+        self.capture_ready.clear()
         await self.identity.release()
         if self.receiver is not None:
             async with self.receiver.apply_lock:  # never cut a batch in half
@@ -308,6 +310,7 @@ class Agent:
         self._capture_thread.start()
         self._spawn_role(self._flush_loop())
         self._spawn_role(self._rescan_loop())
+        self.capture_ready.set()
 
     def _capture(self, loop: asyncio.AbstractEventLoop) -> None:
         """Read inotify in its own thread: scanning a new directory tree must not stall the loop."""
@@ -409,7 +412,7 @@ class Agent:
             sender = Sender(link, self.state, self.cluster, self.node, progress, self.state.get("journal_id") or "",
                             lambda: wake, waiter, self.event)
             self.senders[link.node] = sender
-            sender_task = asyncio.ensure_future(sender.run())
+            sender_task = asyncio.ensure_future(self._run_sender(sender))
             sender_task.add_done_callback(lambda t: self._sender_done(link, t))
         if self.receiver is not None and link.hello.get("role") == "active":
             self.receiver.link = link
@@ -430,6 +433,10 @@ class Agent:
                 self.journal_wake.discard(wake)
             if self.receiver is not None and self.receiver.link is link:
                 self.receiver.link = None
+
+    async def _run_sender(self, sender: Sender) -> None:
+        await self.capture_ready.wait()  # sync against a recorded baseline, not a half-built one
+        await sender.run()
 
     def _sender_done(self, link: Link, task: asyncio.Task[None]) -> None:
         if task.cancelled():

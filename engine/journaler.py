@@ -86,14 +86,16 @@ class Journaler:
         self.db.execute("DELETE FROM shipped")
         n = 0
         self.db.execute("BEGIN IMMEDIATE")
+        opened = time.monotonic()
         try:
             for tree in self.trees:
                 for entry in scan_tree(self.root, tree, block_size=self.block_size, with_hashes=True):
                     self._ship(entry)
                     n += 1
-                    if n % 2000 == 0:
+                    if n % 256 == 0 and time.monotonic() - opened > GROUP_SECONDS:
                         self.db.execute("COMMIT")
                         self.db.execute("BEGIN IMMEDIATE")
+                        opened = time.monotonic()
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
