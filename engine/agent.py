@@ -20,6 +20,7 @@ from typing import Any
 
 from engine.alerts import Alerter
 from engine.api import ApiServer
+from engine.applications import Applications
 from engine.capture import Change, Coalescer, Watcher
 from engine.channel import Channel, Link
 from engine.config import ClusterConfig, NodeConfig, load_cluster, load_node
@@ -76,11 +77,13 @@ class Agent:
         self._role_tasks: list[asyncio.Task[Any]] = []
         self.ha_wake = asyncio.Event()
         self.capture_ready = asyncio.Event()
+        self._serve_task: asyncio.Task[None] | None = None
         self.starting = True
         self.intent: str | None = None
         self.decisions: list[dict[str, Any]] = []
         self._last_shape = ""
         self.alerter = Alerter(cluster.alerts, cluster.name, node.id)
+        self.apps = Applications(cluster.applications, cluster.name, node.id, self.event)
         self.identity = provider_for(cluster.public.provider, cluster.name, node.id, cluster.public.addresses)
         peers = {n.id: (n.channel_host, n.channel_port) for n in cluster.nodes if n.id != node.id}
         me = cluster.node(node.id)
@@ -149,7 +152,24 @@ class Agent:
             self._spawn_role(self.receiver.apply_forever())
         else:
             await self._start_capture()
-            self._spawn_role(self.identity.take(self.epoch))  # may wait for a frozen old holder
+            self._serve_task = asyncio.ensure_future(self._serve())
+            self._serve_task.add_done_callback(self._task_done)
+
+    async def _serve(self) -> None:
+        """Take the public identity (it may wait for a frozen old holder), then run the applications."""
+        await self.identity.take(self.epoch)
+        await self.apps.start_all()
+        await self.apps.monitor_forever(self._application_gave_up)
+
+    async def _application_gave_up(self, app: Any, detail: str) -> None:
+        if app.on_failure != "switchover":
+            return
+        passives = [n for n in self.senders if not self.progress[n].syncing]
+        if not passives:
+            self.event("error", "switchover_impossible", f"{app.name} failed but no level passive is connected")
+            return
+        target = max(passives, key=lambda n: self.progress[n].acked_applied)
+        asyncio.ensure_future(switchover(self, target))  # it stops this very task, so it runs beside it
 
     async def _check_before_acting(self) -> None:
         """A node that was active learns the cluster's epoch before it serves again.
@@ -174,6 +194,11 @@ class Agent:
     async def _leave_role(self) -> None:
         """Stop what the current role runs: the identity first, so it is released before anything else."""
         self.capture_ready.clear()
+        if self._serve_task is not None:  # no monitor may restart what is being stopped
+            self._serve_task.cancel()
+            await asyncio.gather(self._serve_task, return_exceptions=True)
+            self._serve_task = None
+        await self.apps.stop_all()  # applications stop before the identity goes, as in a switchover
         await self.identity.release()
         if self.receiver is not None:
             async with self.receiver.apply_lock:  # never cut a batch in half

@@ -142,6 +142,21 @@ class AlertSettings:
 
 
 @dataclass(frozen=True)
+class Application:
+    """A protected service: runs only on the active, in `order`, restarted then failed over."""
+
+    name: str
+    start: str
+    stop: str
+    monitor: str
+    order: int = 0
+    timeout: float = 30.0  # seconds per start, stop or monitor run
+    restarts: int = 3  # restarts after a failed monitor before the failure policy applies
+    on_failure: str = "switchover"  # "switchover" | "alert"
+    monitor_interval: float = 5.0
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     name: str
     public: PublicIdentity
@@ -151,6 +166,7 @@ class ClusterConfig:
     heartbeat: HeartbeatSettings
     path: Path
     alerts: AlertSettings = AlertSettings()
+    applications: tuple[Application, ...] = ()
 
     def node(self, node_id: str) -> NodeSpec:
         """The node with this id; a ConfigError naming the known ids otherwise."""
@@ -180,7 +196,7 @@ def load_cluster(path: str | Path) -> ClusterConfig:
     """Read and validate cluster.toml."""
     file = str(path)
     top = _Reader(file, "", _read_toml(file))
-    top.only("cluster", "public", "nodes", "protected", "replication", "heartbeat", "alerts")
+    top.only("cluster", "public", "nodes", "protected", "replication", "heartbeat", "alerts", "applications")
     cluster = top.table("cluster")
     name = cluster.text("name", "a cluster name matching [a-z0-9-]{1,63}", pattern=r"[a-z0-9-]{1,63}")
     cluster.done()
@@ -190,8 +206,10 @@ def load_cluster(path: str | Path) -> ClusterConfig:
     replication = _replication(top.table("replication", required=False))
     heartbeat = _heartbeat(top.table("heartbeat", required=False))
     alerts = _alerts(top.table("alerts", required=False), Path(path).absolute().parent)
+    applications = _applications(top)
     top.done()
-    return ClusterConfig(name, public, nodes, protected, replication, heartbeat, Path(path).absolute(), alerts)
+    return ClusterConfig(name, public, nodes, protected, replication, heartbeat, Path(path).absolute(), alerts,
+                         applications)
 
 
 def load_node(path: str | Path, cluster: ClusterConfig | None = None) -> NodeConfig:
@@ -492,6 +510,37 @@ def _heartbeat(r: _Reader) -> HeartbeatSettings:
                        f"seconds, more than 2 * interval ({2 * interval:g})")
     r.done()
     return HeartbeatSettings(interval, timeout)
+
+
+def _applications(top: _Reader) -> tuple[Application, ...]:
+    apps = []
+    for a in top.tables("applications", "a list of [[applications]] tables"):
+        a.only("name", "unit", "start", "stop", "monitor", "order", "timeout", "restarts", "on_failure",
+               "monitor_interval")
+        name = a.text("name", "an application name matching [A-Za-z0-9_.-]{1,64}", pattern=r"[A-Za-z0-9_.-]{1,64}")
+        unit = a.text("unit", "a systemd unit name like nginx.service", pattern=r"[A-Za-z0-9@_.:-]+", default="")
+        if unit:  # the shortcut for all three commands
+            start, stop, monitor = (f"systemctl start {unit}", f"systemctl stop {unit}",
+                                    f"systemctl is-active --quiet {unit}")
+        else:
+            start = a.text("start", "a shell command (or give unit = ...)")
+            stop = a.text("stop", "a shell command (or give unit = ...)")
+            monitor = a.text("monitor", "a shell command exiting 0 while healthy (or give unit = ...)")
+        d = Application(name, start, stop, monitor)
+        apps.append(Application(
+            name, start, stop, monitor,
+            a.integer("order", d.order, lambda v: v >= 0, "an integer 0 or more"),
+            a.number("timeout", d.timeout, lambda v: v > 0, "seconds, more than 0"),
+            a.integer("restarts", d.restarts, lambda v: v >= 0, "an integer 0 or more"),
+            a.text("on_failure", '"switchover" or "alert"', pattern=r"switchover|alert", default=d.on_failure),
+            a.number("monitor_interval", d.monitor_interval, lambda v: v > 0, "seconds, more than 0"),
+        ))
+        a.done()
+    names = [app.name for app in apps]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise top.error("applications", "unique application names", dup)
+    return tuple(sorted(apps, key=lambda app: app.order))
 
 
 def _alerts(r: _Reader, base: Path) -> AlertSettings:

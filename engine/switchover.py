@@ -26,7 +26,10 @@ TAKEOVER_TIMEOUT = 30.0
 async def switchover(agent: "Agent", target: str) -> dict[str, Any]:
     t0 = time.monotonic()
     source = agent.node.id
-    agent.event("warning", "switchover", f"switchover {source} -> {target} started: draining")
+    agent.event("warning", "switchover", f"switchover {source} -> {target} started: stopping applications")
+    if agent._serve_task is not None:  # the monitor must not restart what is being stopped
+        agent._serve_task.cancel()
+    await agent.apps.stop_all()  # no writes after this point come from the protected applications
     head = await quiesce(agent)
     await wait_applied(agent, target, head)
 

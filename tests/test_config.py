@@ -257,3 +257,18 @@ def test_written_toml_round_trips_awkward_strings(tmp_path: Path) -> None:
     assert cfg.replication == ReplicationSettings(coalesce_ms=0)
     node = tomllib.loads(dump_node_toml("primary", "/r o\"ot", "s", "a", "b", "c"))
     assert node["node"] == {"id": "primary", "root": "/r o\"ot", "state_dir": "s"}
+
+
+def test_applications_config_names_the_bad_field(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from engine.init import NodePlan, init_cluster
+
+    cfg = init_cluster(tmp_path / "c", "demo", "app.test", ["127.0.0.9"], [
+        NodePlan("primary", "127.0.0.9:7781", "127.0.0.9", tmp_path / "r1", tmp_path / "s1"),
+        NodePlan("secondary", "127.0.0.9:7782", "127.0.0.9", tmp_path / "r2", tmp_path / "s2")])
+    base = cfg.read_text()
+    cfg.write_text(base + '\n[[applications]]\nname = "web"\nunit = "nginx.service"\n')
+    app = load_cluster(cfg).applications[0]
+    assert app.start == "systemctl start nginx.service" and app.on_failure == "switchover"
+    cfg.write_text(base + '\n[[applications]]\nname = "web"\nunit = "nginx.service"\non_failure = "reboot"\n')
+    with pytest.raises(ConfigError, match=r"applications\[0\]\.on_failure"):
+        load_cluster(cfg)
