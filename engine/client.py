@@ -51,13 +51,17 @@ def request(sock: Path, op: str, timeout: float = 30.0, **args: Any) -> Any:
             s.connect(str(sock))
         except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
             raise AgentUnreachable(f"agent socket {sock}: {exc.strerror or exc}") from None
-        s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
         buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(1 << 16)
-            if not chunk:
-                raise AgentUnreachable(f"agent socket {sock} closed the connection")
-            buf += chunk
+        try:
+            s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    raise AgentUnreachable(f"agent socket {sock} closed the connection")
+                buf += chunk
+        except TimeoutError:
+            raise AgentUnreachable(f"agent at {sock} did not answer within {timeout:g} s (stopped or overloaded?)",
+                                   hint="nf status asks the next agent; check the agent's process and log") from None
     answer = json.loads(buf)
     if answer.get("ok"):
         return answer.get("result")
@@ -65,7 +69,7 @@ def request(sock: Path, op: str, timeout: float = 30.0, **args: Any) -> Any:
     raise ApiError(err.get("message", "request failed"), hint=err.get("hint", ""), code=err.get("code"))
 
 
-def ask_any(config: str | os.PathLike[str] | None, op: str, timeout: float = 30.0, **args: Any) -> Any:
+def ask_any(config: str | os.PathLike[str] | None, op: str, timeout: float = 5.0, **args: Any) -> Any:
     """Ask the first agent of the cluster that answers."""
     errors: list[str] = []
     for agent in find_agents(config):
@@ -82,7 +86,7 @@ def ask_active(config: str | os.PathLike[str] | None, op: str, timeout: float = 
     errors: list[str] = []
     for agent in find_agents(config):
         try:
-            status = request(agent.socket, "status", timeout=10)
+            status = request(agent.socket, "status", timeout=5)
         except AgentUnreachable as exc:
             errors.append(str(exc))
             continue

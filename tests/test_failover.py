@@ -88,3 +88,24 @@ def test_switchover_there_and_back_loses_nothing(demo: Demo) -> None:
     assert _checksums(d) == _checksums(demo.data("secondary"))
     assert (d / "written-on-secondary").exists()
     assert _holder(demo) == "primary"
+
+
+def test_a_paused_active_steps_down_when_it_resumes_and_never_answers_beside_the_new_one(demo: Demo) -> None:
+    import os
+    import signal
+
+    demo.up(nodes=2)
+    (demo.data("primary") / "before-pause").write_text("x")
+    demo.wait_equal(30, nodes=("secondary",))
+    pid = int((demo.workdir / "primary" / "agent.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: demo.node_status("secondary")["role"] == "active", 30,
+                 "the secondary to promote while the primary is frozen")
+        assert _holder(demo) is None, "the frozen primary's socket answers nothing, and the new active waits for it"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: _holder(demo) == "secondary", 30, "the public identity to move once the old active lets go")
+    wait_for(lambda: demo.node_status("primary")["role"] == "passive", 30, "the old active to step down")
+    events = [e["message"] for e in demo.events("primary")]
+    assert any("stepping down" in m for m in events), events
