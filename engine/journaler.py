@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from engine.blocks import changed_blocks, hash_file, read_ranges
 from engine.capture import Change
 from engine.manifest import Entry, same, scan_tree
+from engine.paths import has_ancestor_in, tree_of
 
 if TYPE_CHECKING:
     from engine.config import ProtectedTree, ReplicationSettings
@@ -104,7 +105,7 @@ class Journaler:
 
     def rescan(self, path: str) -> int:
         """Compare a subtree with what was shipped and journal every difference."""
-        tree = self._tree_of(path)
+        tree = tree_of(path, self.trees)
         if tree is None:
             return 0
         known = self._shipped_under(path)
@@ -120,7 +121,7 @@ class Journaler:
             count += self._append(self._examine(entry.path))
         gone = {p for p in known if p not in seen}
         for p in sorted(gone):
-            if _has_ancestor_in(p, gone):
+            if has_ancestor_in(p, gone):
                 continue
             count += self._append(self._delete(p))
         return count
@@ -222,10 +223,7 @@ class Journaler:
         )
 
     def _shipped(self, path: str) -> Entry | None:
-        row = self.db.execute(
-            "SELECT path, kind, mode, size, mtime_ns, target, hashes FROM shipped WHERE path = ?", (path,)
-        ).fetchone()
-        return _entry(row) if row else None
+        return shipped_entry(self.db, path)
 
     def _shipped_under(self, path: str) -> dict[str, Entry]:
         rows = self.db.execute(
@@ -234,11 +232,14 @@ class Journaler:
         )
         return {row[0]: _entry(row) for row in rows}
 
-    def _tree_of(self, path: str) -> "ProtectedTree | None":
-        for tree in self.trees:
-            if path == tree.rel or path.startswith(tree.rel + "/"):
-                return tree
-        return None
+
+
+def shipped_entry(db: sqlite3.Connection, path: str) -> Entry | None:
+    """The last journaled version of `path`, as the active recorded it."""
+    row = db.execute(
+        "SELECT path, kind, mode, size, mtime_ns, target, hashes FROM shipped WHERE path = ?", (path,)
+    ).fetchone()
+    return _entry(row) if row else None
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:
@@ -249,12 +250,3 @@ def _entry(row: tuple[Any, ...]) -> Entry:
 def _under(path: str) -> str:
     escaped = path.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return escaped + "/%"
-
-
-def _has_ancestor_in(path: str, pool: set[str]) -> bool:
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    while parent:
-        if parent in pool:
-            return True
-        parent = parent.rsplit("/", 1)[0] if "/" in parent else ""
-    return False

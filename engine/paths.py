@@ -81,6 +81,15 @@ def check_rel_path(p: object, trees: Iterable["ProtectedTree"], *, allow_tree_ro
     return p
 
 
+def has_ancestor_in(path: str, pool: set[str]) -> bool:
+    """Whether a strict ancestor of `path` is in `pool` (so acting on the ancestor covers it)."""
+    while "/" in path:
+        path = path.rsplit("/", 1)[0]
+        if path in pool:
+            return True
+    return False
+
+
 def tree_of(rel: str, trees: Iterable["ProtectedTree"]) -> "ProtectedTree | None":
     """The deepest tree that holds `rel` (or is it), or None."""
     best = None

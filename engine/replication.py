@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 from engine.apply import Applier
 from engine.channel import Link
 from engine.errors import NfError, PathError, ProtocolError
+from engine.journaler import shipped_entry
 from engine.manifest import Entry, scan_tree
+from engine.paths import check_rel_path, tree_of
 from engine.protocol import Message
 from engine.state import State, read_journal
 from engine.sync import Difference, diff, repair_records
@@ -122,8 +124,6 @@ class PeerProgress:
     journal_id: str | None = None
     syncing: bool = False
     source: str | None = None  # the journal the passive last applied a level record of
-    synced_paths: int = 0
-    sync_total: int = 0
     ack_event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -193,7 +193,7 @@ class Sender:
     async def sync(self, paths: list[str], head: int, *, reason: str) -> list[Difference]:
         """Bring the passive level for these subtrees, then mark it level at journal `head`."""
         p = self.progress
-        p.syncing, p.synced_paths, p.sync_total, p.source = True, 0, len(paths), None
+        p.syncing, p.source = True, None
         self.on_event("info", "sync_started", f"{reason} of {p.node}: {len(paths)} tree(s), journal at {head}")
         t0 = time.monotonic()
         total: list[Difference] = []
@@ -202,7 +202,6 @@ class Sender:
                 differences = await self.compare(path)
                 total.extend(differences)
                 await self.send_repairs(differences)
-                p.synced_paths += 1
             await self._send([(None, "level", {"journal_id": self.journal_id, "head": head}, b"", time.time())])
             while p.source != self.journal_id and not self.link.closed:  # level once it is *applied*
                 p.ack_event.clear()
@@ -272,11 +271,6 @@ class Receiver:
         self._pos = 0
         self._done_seq = state.get_int("applied_seq")
         self._done_id = 0
-        self.refused = 0
-
-    @property
-    def applied_seq(self) -> int:
-        return self.state.get_int("applied_seq")
 
     @property
     def journal_id(self) -> str | None:
@@ -325,7 +319,7 @@ class Receiver:
         path = msg.get("path", str)
         await self.drained()
         try:
-            entries = await asyncio.to_thread(_scan_passive, self.node.root, self.cluster, path,
+            entries = await asyncio.to_thread(manifest, self.node.root, self.cluster, path,
                                               self.cluster.replication.block_size)
         except (NfError, OSError) as exc:
             await link.send("manifest_end", {"id": rid, "error": str(exc)})
@@ -354,7 +348,6 @@ class Receiver:
                 log.error("%s", self.last_error)
 
     def _refused(self, op: str, seq: int | None, exc: Exception) -> None:
-        self.refused += 1
         self.last_error = str(exc)
         log.warning("refused record %s %s: %s", op, seq, exc)
         self.state_event("warning", "record_refused", f"refused record {op} {seq}: {exc}")
@@ -462,32 +455,18 @@ def _take(gen: Iterator[Record]) -> list[Record]:
     return out
 
 
-def _tree_for(cluster: "ClusterConfig", path: str):  # type: ignore[no-untyped-def]
-    for tree in cluster.protected:
-        if path == tree.rel or path.startswith(tree.rel + "/"):
-            return tree
-    raise PathError(path, "outside the protected set")
+def manifest(root: Path, cluster: "ClusterConfig", path: str, block_size: int,
+             reuse: Callable[[str], Entry | None] | None = None) -> list[Entry]:
+    """Entries of one subtree with block hashes; `reuse` skips re-hashing unchanged files."""
+    check_rel_path(path, cluster.protected, allow_tree_root=True)
+    tree = tree_of(path, cluster.protected)
+    if tree is None:
+        raise PathError(path, "outside the protected set")
+    only = None if path == tree.rel else path[len(tree.rel) + 1 :]
+    return list(scan_tree(root, tree, block_size=block_size, with_hashes=True, reuse=reuse, only=only))
 
 
 def _scan(root: Path, cluster: "ClusterConfig", path: str, block_size: int, state: State) -> dict[str, Entry]:
     """The active's manifest of a subtree, reusing shipped hashes where size and mtime match."""
     db = state.connect()  # its own connection: verify may scan while the sender streams
-    tree = _tree_for(cluster, path)
-    only = None if path == tree.rel else path[len(tree.rel) + 1 :]
-
-    def reuse(p: str) -> Entry | None:
-        row = db.execute("SELECT path, kind, mode, size, mtime_ns, target, hashes FROM shipped WHERE path=?", (p,)).fetchone()
-        if row is None:
-            return None
-        return Entry(row[0], row[1], row[2], row[3], row[4], row[5], bytes(row[6]) if row[6] is not None else None)
-
-    return {e.path: e for e in scan_tree(root, tree, block_size=block_size, with_hashes=True, reuse=reuse, only=only)}
-
-
-def _scan_passive(root: Path, cluster: "ClusterConfig", path: str, block_size: int) -> list[Entry]:
-    from engine.paths import check_rel_path
-
-    check_rel_path(path, cluster.protected, allow_tree_root=True)
-    tree = _tree_for(cluster, path)
-    only = None if path == tree.rel else path[len(tree.rel) + 1 :]
-    return list(scan_tree(root, tree, block_size=block_size, with_hashes=True, only=only))
+    return {e.path: e for e in manifest(root, cluster, path, block_size, lambda p: shipped_entry(db, p))}

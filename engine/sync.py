@@ -17,6 +17,7 @@ from typing import Any
 
 from engine.blocks import changed_blocks, hash_file, read_ranges
 from engine.manifest import Entry
+from engine.paths import has_ancestor_in
 
 Record = tuple[str, dict[str, Any], bytes]
 
@@ -41,7 +42,7 @@ def diff(active: dict[str, Entry], passive: dict[str, Entry]) -> list[Difference
     out: list[Difference] = []
     extra = {p for p in passive if p not in active}
     for path in sorted(extra):
-        if not _ancestor_in(path, extra):
+        if not has_ancestor_in(path, extra):
             out.append(Difference(path, "extra", None, passive[path]))
     for path, a in active.items():
         p = passive.get(path)
@@ -104,11 +105,3 @@ def _compare(a: Entry, p: Entry | None) -> str:
     if a.kind != "dir" and a.mtime_ns != p.mtime_ns:
         return "mtime"
     return ""
-
-
-def _ancestor_in(path: str, pool: set[str]) -> bool:
-    while "/" in path:
-        path = path.rsplit("/", 1)[0]
-        if path in pool:
-            return True
-    return False
