@@ -206,6 +206,7 @@ class Cluster:
         self.workdir = workdir
         self.config = workdir / "cluster.toml"
         self.up_proc: subprocess.Popen[str] | None = None
+        self._sockets: dict[str, Path] = {}
 
     def create(self, replication: dict[str, Any] | None = None) -> None:
         nfdemo.create(self.workdir, 2)
@@ -246,10 +247,15 @@ class Cluster:
     def status(self, node: str = "primary") -> dict[str, Any] | None:
         """The agent's status, or None while it does not answer yet."""
         try:
-            sock = load_node(self.workdir / node / "node.toml", load_cluster(self.config)).socket
-            return request(sock, "status", timeout=5)
+            return request(self.socket(node), "status", timeout=5)
         except (NfError, OSError, ValueError):
             return None
+
+    def socket(self, node: str) -> Path:
+        """The agent's API socket, read from the config once: polling must not steal the CPU it measures."""
+        if node not in self._sockets:
+            self._sockets[node] = load_node(self.workdir / node / "node.toml", load_cluster(self.config)).socket
+        return self._sockets[node]
 
     @staticmethod
     def connected(st: dict[str, Any] | None) -> bool:

@@ -56,9 +56,11 @@ class _Stage:
 
     path: str
     trusted: str
-    dir_fd: int
+    dir_fd: int  # the tree's stage dir, owned by the Applier's cache
     name: str
     fd: int
+    fresh: bool
+    end: int = 0  # one past the last byte written: a fresh stage this long needs no truncate
 
 
 class Applier:
@@ -69,6 +71,8 @@ class Applier:
         self.trees = tuple(trees)
         self.stage_name = stage_name
         self._stages: dict[int, _Stage] = {}
+        self._stage_fds: dict[str, int] = {}  # tree rel -> its stage dir
+        self._parents: dict[str, int] = {}    # dir rel -> fd, for one batch (see end_batch)
         self._tmp = itertools.count(1)
         self._ops: dict[str, Callable[[dict[str, Any], bytes], bool]] = {
             "data": self._data, "file": self._file, "mkdir": self._mkdir, "symlink": self._symlink,
@@ -91,10 +95,24 @@ class Applier:
             raise ProtocolError(f"{op}: expected bytes for data, got {type(data).__name__}")
         return handler(meta, data)
 
+    def end_batch(self) -> None:
+        """Forget the directories opened for this batch.
+
+        Parent directories stay open across the records of one batch, so a run of files in one
+        directory costs no path walk each; they are dropped at every batch end (and whenever a
+        record could move or replace a directory), so a cached fd never outlives what it named
+        by long.
+        """
+        for fd in self._parents.values():
+            os.close(fd)
+        self._parents.clear()
+
     def discard_stages(self) -> None:
         """Close and remove every half-built staged file (start-up, or before a retry)."""
         for gid in list(self._stages):
             self._drop(gid)
+        self.end_batch()
+        self._close_stage_dirs()
         for tree in self.trees:
             try:
                 tfd = open_dir(self.root, tree.rel)
@@ -131,6 +149,7 @@ class Applier:
         if stage is None:
             stage = self._stages[gid] = self._new_stage(path, str(gid), fresh=fresh)
         _pwrite_all(stage.fd, data, offset)
+        stage.end = max(stage.end, offset + len(data))
         return False
 
     def _file(self, meta: dict[str, Any], data: bytes) -> bool:
@@ -156,6 +175,7 @@ class Applier:
         mode = _mode("mkdir", meta)
         mtime_ns = _int("mkdir", meta, "mtime_ns")
         tree = self._tree(path)
+        self.end_batch()  # a non-directory in its place is replaced
         if path == tree.rel:
             fd = open_dir(self.root, path, create=True)
         else:
@@ -178,21 +198,19 @@ class Applier:
             raise ProtocolError("symlink.target: expected a non-empty string without NUL, under 4096 bytes")
         mtime_ns = _int("symlink", meta, "mtime_ns")
         tree = self._tree(path)
+        self.end_batch()  # a directory in its place is removed
         parent, name = makedirs_parent(self.root, path, trusted=tree.rel)
         try:
             sfd = self._stage_dir(tree)
+            tmp = f"s{next(self._tmp)}"
+            _remove_at(sfd, tmp)
+            os.symlink(target, tmp, dir_fd=sfd)
             try:
-                tmp = f"s{next(self._tmp)}"
+                _remove_dir_at(parent, name)  # rename cannot put a symlink over a directory
+                os.rename(tmp, name, src_dir_fd=sfd, dst_dir_fd=parent)
+            except BaseException:
                 _remove_at(sfd, tmp)
-                os.symlink(target, tmp, dir_fd=sfd)
-                try:
-                    _remove_dir_at(parent, name)  # rename cannot put a symlink over a directory
-                    os.rename(tmp, name, src_dir_fd=sfd, dst_dir_fd=parent)
-                except BaseException:
-                    _remove_at(sfd, tmp)
-                    raise
-            finally:
-                os.close(sfd)
+                raise
             os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=parent, follow_symlinks=False)
         finally:
             os.close(parent)
@@ -201,9 +219,13 @@ class Applier:
     def _delete(self, meta: dict[str, Any], data: bytes) -> bool:
         path = self._path("delete", meta, allow_tree_root=True)
         tree = self._tree(path)
+        self.end_batch()
         if path == tree.rel:
             for gid in [g for g, s in self._stages.items() if s.trusted == tree.rel]:
                 self._drop(gid)  # the stage dir goes with the tree
+            fd = self._stage_fds.pop(tree.rel, None)
+            if fd is not None:
+                os.close(fd)
         try:
             parent, name = open_parent(self.root, path, trusted=tree.rel)
         except FileNotFoundError:
@@ -223,6 +245,7 @@ class Applier:
             raise PathError(dst, f"inside {src!r}, the path being renamed")
         if src.startswith(dst + "/"):
             raise PathError(dst, f"holds {src!r}, the path being renamed")
+        self.end_batch()
         try:
             sp, sn = open_parent(self.root, src, trusted=self._tree(src).rel)
         except FileNotFoundError:
@@ -286,12 +309,8 @@ class Applier:
         """A stage file for `path`: empty when `fresh`, else a copy of the current target."""
         tree = self._tree(path)
         sfd = self._stage_dir(tree)
-        try:
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=sfd)
-        except BaseException:
-            os.close(sfd)
-            raise
-        stage = _Stage(path, tree.rel, sfd, name, fd)
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=sfd)
+        stage = _Stage(path, tree.rel, sfd, name, fd, fresh)
         try:
             if not fresh:
                 self._copy_target(stage)
@@ -325,15 +344,20 @@ class Applier:
         """Finish the staged file and rename it over its target."""
         try:
             fd = stage.fd
-            os.ftruncate(fd, size)
+            if not (stage.fresh and stage.end == size):
+                os.ftruncate(fd, size)
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime_ns, mtime_ns))
-            parent, name = makedirs_parent(self.root, stage.path, trusted=stage.trusted)
+            parent, name = self._parent(stage.path, stage.trusted)
             try:
+                os.rename(stage.name, name, src_dir_fd=stage.dir_fd, dst_dir_fd=parent)
+            except OSError as exc:
+                if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                self.end_batch()  # a directory is in the way: what was below it goes
+                parent, name = self._parent(stage.path, stage.trusted)
                 _remove_dir_at(parent, name)
                 os.rename(stage.name, name, src_dir_fd=stage.dir_fd, dst_dir_fd=parent)
-            finally:
-                os.close(parent)
         except BaseException:
             _close_stage(stage, unlink=True)
             raise
@@ -369,8 +393,34 @@ class Applier:
             os.close(fd)
         return True
 
+    def _parent(self, path: str, trusted: str) -> tuple[int, str]:
+        """`makedirs_parent`, with the fd kept until the batch ends (the caller does not close it)."""
+        head, _, name = path.rpartition("/")
+        fd = self._parents.get(head)
+        if fd is None:
+            if len(self._parents) >= 256:
+                self.end_batch()
+            fd, name = makedirs_parent(self.root, path, trusted=trusted)
+            self._parents[head] = fd
+        return fd, name
+
     def _stage_dir(self, tree: "ProtectedTree") -> int:
-        """An fd of the tree's stage dir, created (mode 0700, with the tree) when missing."""
+        """An fd of the tree's stage dir, created (mode 0700, with the tree) when missing.
+
+        Kept open (the caller does not close it) until the tree is deleted or stages are
+        discarded: the stage dir is the passive's own, and nothing else renames it.
+        """
+        fd = self._stage_fds.get(tree.rel)
+        if fd is None:
+            fd = self._stage_fds[tree.rel] = self._open_stage_dir(tree)
+        return fd
+
+    def _close_stage_dirs(self) -> None:
+        for fd in self._stage_fds.values():
+            os.close(fd)
+        self._stage_fds.clear()
+
+    def _open_stage_dir(self, tree: "ProtectedTree") -> int:
         tfd = open_dir(self.root, tree.rel, create=True)
         try:
             for _ in range(3):
@@ -533,7 +583,3 @@ def _close_stage(stage: _Stage, *, unlink: bool) -> None:
             os.unlink(stage.name, dir_fd=stage.dir_fd)
         except OSError:
             pass
-    try:
-        os.close(stage.dir_fd)
-    except OSError:
-        pass

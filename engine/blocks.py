@@ -16,7 +16,7 @@ from pathlib import Path
 import xxhash
 
 __all__ = ["DIGEST_SIZE", "zero_digest", "ZERO_DIGEST", "hash_file", "changed_blocks", "read_ranges",
-           "data_extents"]
+           "data_extents", "new_digests", "read_hashing"]
 
 DIGEST_SIZE = 16
 
@@ -134,32 +134,58 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
 # -- private ---------------------------------------------------------------------------------
 
 def _hash_fd(fd: int, block_size: int) -> bytes:
-    size = os.fstat(fd).st_size
+    digests = new_digests(os.fstat(fd).st_size, block_size)
+    for _ in read_hashing(fd, block_size, digests):
+        pass
+    return bytes(digests)
+
+
+def new_digests(size: int, block_size: int) -> bytearray:
+    """Digests of a file of `size` bytes that is one hole: the start `read_hashing` fills in."""
     n = -(-size // block_size)
     if n == 0:
-        return b""
+        return bytearray()
     out = bytearray(zero_digest(block_size) * n)
     tail = size - (n - 1) * block_size
     if tail != block_size:  # a short last block in a hole: zeros of its own length
         out[(n - 1) * DIGEST_SIZE :] = _digest(bytes(tail))
-    step = max(block_size, _READ_BYTES // block_size * block_size)
+    return out
+
+
+def read_hashing(fd: int, block_size: int, digests: bytearray, step: int = _READ_BYTES) -> Iterator[tuple[int, bytes]]:
+    """Read every data extent of a file once, block-aligned, writing each block's digest into
+    `digests` (from `new_digests`) and yielding (offset, data) of each read.
+
+    So a caller that ships a file hashes it on the way instead of reading it twice. The next
+    read is announced to the kernel (WILLNEED) before this one is handed out, so the disk
+    works while the caller does. Stops early if the file shrinks.
+    """
+    size = len(digests) // DIGEST_SIZE * block_size
+    step = max(block_size, step // block_size * block_size)
     done = 0  # blocks below this index are hashed already
-    for start, end in data_extents(fd, size):
+    # A file that fits one read is read whole: zeros hash like a hole, and asking where the
+    # holes are would cost more system calls than the read.
+    extents = [(0, size)] if size <= step else data_extents(fd, size)
+    for start, end in extents:
         first = max(start // block_size, done)
         last = -(-end // block_size)  # one past the last block this extent touches
         pos = first * block_size
         stop = min(last * block_size, size)
         while pos < stop:
-            buf = _pread_full(fd, min(step, stop - pos), pos)
+            want = min(step, stop - pos)
+            if pos + want < stop:
+                os.posix_fadvise(fd, pos + want, 2 * step, os.POSIX_FADV_WILLNEED)
+            buf = _pread_full(fd, want, pos)
             view = memoryview(buf)
             for off in range(0, len(buf), block_size):
                 i = (pos + off) // block_size
-                out[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] = _digest(view[off : off + block_size])
-            if len(buf) < min(step, stop - pos):
-                return bytes(out)  # the file shrank while we read it
+                digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] = _digest(view[off : off + block_size])
+            if buf:
+                yield pos, buf
+            if len(buf) < want:
+                return  # the file shrank while we read it
             pos += len(buf)
         done = last
-    return bytes(out)
 
 
 def _pread_full(fd: int, length: int, offset: int) -> bytes:

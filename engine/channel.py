@@ -1,9 +1,9 @@
 """The channel: mutual-TLS TCP links between the nodes of one cluster.
 
 Every node listens on its channel address and dials the peers whose id sorts after its own,
-so each pair shares exactly one link. The TLS upgrade is done by hand after accept, so a
-refused handshake (no certificate, another cluster's CA) is an event we log with the peer's
-address rather than noise in asyncio's exception handler. After the handshake both sides send
+so each pair shares exactly one link. The TLS handshake runs in a worker thread on the
+raw socket, so a refused handshake (no certificate, another cluster's CA) is an event we log
+with the peer's address; after it, `engine.wire` moves the frames in threads of their own. After the handshake both sides send
 `hello`; the certificate's node id must match the hello and be a node of this cluster.
 """
 from __future__ import annotations
@@ -12,49 +12,44 @@ import asyncio
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from engine.errors import ChannelAuthError, ProtocolError
-from engine.protocol import Codec, Message
+from engine.protocol import Buffer, Codec, Message
 from engine.tls import peer_node_id
+from engine.wire import FrameStream, handshake
 
 log = logging.getLogger("nf.channel")
 
 HANDSHAKE_TIMEOUT = 10.0
 
 
-@dataclass
 class Link:
     """One authenticated connection to a peer node."""
 
-    node: str
-    hello: dict[str, Any]
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    codec: Codec
-    epoch: Callable[[], int]
+    def __init__(self, node: str, stream: FrameStream, epoch: Callable[[], int]) -> None:
+        self.node = node
+        self.hello: dict[str, Any] = {}
+        self.stream = stream
+        self.epoch = epoch
 
-    def __post_init__(self) -> None:
-        self._lock = asyncio.Lock()
-        self.closed = False
+    @property
+    def closed(self) -> bool:
+        return self.stream.closed
 
-    async def send(self, type_: str, fields: dict[str, Any] | None = None, payload: bytes = b"") -> None:
-        frame = self.codec.encode(type_, self.epoch(), fields, payload)
-        async with self._lock:
-            if self.closed or self.writer.is_closing():
-                raise ConnectionResetError(f"channel to {self.node} is closed")
-            self.writer.write(frame)
-            await self.writer.drain()
+    async def send(self, type_: str, fields: dict[str, Any] | None = None,
+                   payload: Buffer | Sequence[Buffer] = b"") -> None:
+        """Queue one message; `payload` may be a list of buffers sent back to back."""
+        parts = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
+        await self.stream.send(self.stream.codec.frame(type_, self.epoch(), fields, parts))
 
     async def recv(self) -> Message:
-        return await self.codec.read(self.reader)
+        return await self.stream.recv()
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.writer.close()
+        self.stream.close()
 
 
 OnLink = Callable[[Link], Awaitable[None]]
@@ -91,6 +86,7 @@ class Channel:
         self.links: dict[str, Link] = {}
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="channel-handshake")
 
     async def start(self) -> None:
         host, port = self.listen
@@ -113,6 +109,7 @@ class Channel:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- accept side ------------------------------------------------------------------
     async def _accept_forever(self) -> None:
@@ -124,24 +121,19 @@ class Channel:
 
     async def _accept(self, conn: socket.socket) -> None:
         """TLS is set up on the raw socket, so no byte of the ClientHello can be read as plain data."""
-        loop = asyncio.get_running_loop()
         try:
             addr = "%s:%s" % conn.getpeername()[:2]
         except OSError:
             addr = "unknown peer"
-        writer: asyncio.StreamWriter | None = None
+        link: Link | None = None
         try:
-            reader = asyncio.StreamReader(limit=2**16)
-            protocol = asyncio.StreamReaderProtocol(reader)
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: protocol, conn, ssl=self.server_ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-            link = await self._handshake(reader, writer)
-        except (ssl.SSLError, ChannelAuthError, ProtocolError, asyncio.TimeoutError, ConnectionError, OSError,
-                asyncio.IncompleteReadError) as exc:
+            link = await self._secure(conn, server_side=True)
+            await self._handshake(link)
+        except (ssl.SSLError, ChannelAuthError, ProtocolError, TimeoutError, asyncio.TimeoutError, ConnectionError,
+                OSError) as exc:
             self.on_refused(addr, _reason(exc))
-            if writer is not None:
-                writer.close()
+            if link is not None:
+                link.close()
             else:
                 conn.close()
             return
@@ -151,16 +143,17 @@ class Channel:
     async def _dial_forever(self, peer: str) -> None:
         delay = 0.1
         host, port = self.peers[peer]
+        loop = asyncio.get_running_loop()
         while True:
+            link: Link | None = None
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port, ssl=self.client_ctx, server_hostname=None),
-                    HANDSHAKE_TIMEOUT,
-                )
-                link = await self._handshake(reader, writer, expect=peer)
-            except (OSError, ssl.SSLError, asyncio.TimeoutError, asyncio.IncompleteReadError,
-                    ProtocolError, ChannelAuthError) as exc:
+                sock = await loop.run_in_executor(self._pool, _connect, host, port)
+                link = await self._secure(sock, server_side=False)
+                await self._handshake(link, expect=peer)
+            except (OSError, ssl.SSLError, TimeoutError, asyncio.TimeoutError, ProtocolError, ChannelAuthError) as exc:
                 log.debug("dial %s failed: %r", peer, exc)
+                if link is not None:
+                    link.close()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
@@ -168,17 +161,28 @@ class Channel:
             await self._run(link)
 
     # -- common -----------------------------------------------------------------------
-    async def _handshake(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, expect: str | None = None
-    ) -> Link:
-        ssl_object = writer.get_extra_info("ssl_object")
-        node = peer_node_id(ssl_object)
+    async def _secure(self, sock: socket.socket, *, server_side: bool) -> Link:
+        """TLS on a connected socket (in a worker thread: the handshake blocks), as a Link."""
+        loop = asyncio.get_running_loop()
+        ctx = self.server_ctx if server_side else self.client_ctx
+        sock.setblocking(True)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            obj, incoming, outgoing = await loop.run_in_executor(
+                self._pool, lambda: handshake(sock, ctx, server_side=server_side, timeout=HANDSHAKE_TIMEOUT))
+            node = peer_node_id(obj)  # read now: once the reader thread runs, an alert may end the session
+        except BaseException:
+            sock.close()
+            raise
+        stream = FrameStream(sock, obj, incoming, outgoing, self.codec_factory(), f"link-{node}")
+        return Link(node, stream, self.epoch)
+
+    async def _handshake(self, link: Link, expect: str | None = None) -> None:
+        node = link.node
         if node not in self.peers:
             raise ChannelAuthError(f"certificate names {node!r}, which is not a peer of this node")
         if expect is not None and node != expect:
             raise ChannelAuthError(f"dialled {expect} but the certificate names {node}")
-        codec = self.codec_factory()
-        link = Link(node, {}, reader, writer, codec, self.epoch)
         await link.send("hello", self.hello())
         msg = await asyncio.wait_for(link.recv(), HANDSHAKE_TIMEOUT)
         if msg.type != "hello":
@@ -186,7 +190,6 @@ class Channel:
         if msg.get("node", str) != node:
             raise ChannelAuthError(f"hello names {msg.fields.get('node')!r} but the certificate names {node}")
         link.hello = dict(msg.fields, epoch=msg.epoch)
-        return link
 
     async def _run(self, link: Link) -> None:
         old = self.links.get(link.node)
@@ -206,9 +209,13 @@ class Channel:
         task.add_done_callback(self._tasks.discard)
 
 
+def _connect(host: str, port: int) -> socket.socket:
+    return socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT)
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake failed ({exc.reason or exc})"
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
         return "handshake timed out"
     return str(exc) or type(exc).__name__

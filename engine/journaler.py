@@ -81,7 +81,10 @@ class Journaler:
 
         Used when this node starts a new journal (first start, or promotion): every passive
         must then be brought level by block hashes anyway, so journaling the whole data set
-        as well would only write it twice.
+        as well would only write it twice. Only metadata is recorded, which takes a directory
+        walk rather than a read of every byte: block hashes are filled in later by whatever
+        reads the file anyway (the sync that ships it, a rescan), see `fill_hashes`. Until
+        then a changed file is shipped whole.
         """
         # Short transactions: the agent's loop writes events to the same database.
         self.db.execute("DELETE FROM shipped")
@@ -90,7 +93,7 @@ class Journaler:
         opened = time.monotonic()
         try:
             for tree in self.trees:
-                for entry in scan_tree(self.root, tree, block_size=self.block_size, with_hashes=True):
+                for entry in scan_tree(self.root, tree, block_size=self.block_size, with_hashes=False):
                     self._ship(entry)
                     n += 1
                     if n % 256 == 0 and time.monotonic() - opened > GROUP_SECONDS:
@@ -117,6 +120,8 @@ class Journaler:
             seen.add(entry.path)
             old = known.get(entry.path)
             if old is not None and same(old, entry):
+                if old.kind == "file" and old.hashes is None:
+                    fill_hashes(self.db, [entry])
                 continue
             count += self._append(self._examine(entry.path))
         gone = {p for p in known if p not in seen}
@@ -157,7 +162,7 @@ class Journaler:
             if not stat.S_ISREG(st.st_mode):
                 return
             hashes = hash_file(fd, self.block_size)
-            fresh = old is None or old.kind != "file"
+            fresh = old is None or old.kind != "file" or old.hashes is None  # no hashes: ship it whole
             blocks = changed_blocks(None if fresh else old.hashes, hashes)  # type: ignore[union-attr]
             mode = stat.S_IMODE(st.st_mode)
             entry = Entry(path, "file", mode, st.st_size, st.st_mtime_ns, None, hashes)
@@ -240,6 +245,18 @@ def shipped_entry(db: sqlite3.Connection, path: str) -> Entry | None:
         "SELECT path, kind, mode, size, mtime_ns, target, hashes FROM shipped WHERE path = ?", (path,)
     ).fetchone()
     return _entry(row) if row else None
+
+
+def fill_hashes(db: sqlite3.Connection, entries: Iterable[Entry]) -> None:
+    """Record block hashes read by the way for shipped files that have none yet.
+
+    Only where the shipped row still describes the version that was hashed (same size and
+    mtime) and has no hashes: a newer journaled version keeps its own.
+    """
+    rows = [(e.hashes, e.path, e.size, e.mtime_ns) for e in entries if e.hashes is not None]
+    if rows:
+        db.executemany("UPDATE shipped SET hashes=? WHERE path=? AND kind='file' AND size=? AND mtime_ns=? "
+                       "AND hashes IS NULL", rows)
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:

@@ -87,12 +87,13 @@ class Entry:
         return cls(path, kind, mode, size, mtime_ns, target, hashes)
 
 
-def scan_tree(root: Path, tree: "ProtectedTree", *, block_size: int, with_hashes: bool,
+def scan_tree(root: Path, tree: "ProtectedTree", *, block_size: int, with_hashes: bool | Callable[[str], bool],
               reuse: Callable[[str], Entry | None] | None = None, only: str | None = None) -> Iterator[Entry]:
     """Entries of `root/tree.rel` (or of its subtree `only`, relative to the tree), filtered by
     `tree.wants`, the tree's root included; excluded directories are skipped whole.
 
-    With `with_hashes`, files carry block digests; `reuse(path)` may offer a known Entry whose
+    With `with_hashes` (True, or a predicate of the path), files carry block digests;
+    `reuse(path)` may offer a known Entry whose
     hashes are taken instead of hashing when kind, size and mtime_ns match. A tree or subtree
     that does not exist, or whose path passes through a symlink, yields nothing.
     """
@@ -145,7 +146,7 @@ def same(a: Entry, b: Entry, *, mtime: bool = True) -> bool:
 # -- private ---------------------------------------------------------------------------------
 
 class _Walk:
-    def __init__(self, tree: "ProtectedTree", block_size: int, with_hashes: bool,
+    def __init__(self, tree: "ProtectedTree", block_size: int, with_hashes: bool | Callable[[str], bool],
                  reuse: Callable[[str], Entry | None] | None) -> None:
         self.tree = tree
         self.block_size = block_size
@@ -212,7 +213,7 @@ class _Walk:
         return None, None  # fifos, sockets, devices do not replicate
 
     def _file(self, dfd: int, name: str, path: str, st: os.stat_result) -> Entry | None:
-        if not self.with_hashes:
+        if not (self.with_hashes(path) if callable(self.with_hashes) else self.with_hashes):
             return Entry(path, "file", stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns)
         known = self.reuse(path) if self.reuse is not None else None
         if (known is not None and known.kind == "file" and known.hashes is not None

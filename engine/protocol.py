@@ -15,6 +15,7 @@ import asyncio
 import json
 import struct
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import zstandard
@@ -27,6 +28,8 @@ HEADER_MAX = 1 << 20
 MIN_COMPRESS = 512
 SAMPLE = 64 << 10
 
+Buffer = bytes | bytearray | memoryview
+
 
 @dataclass
 class Message:
@@ -35,7 +38,7 @@ class Message:
     type: str
     epoch: int
     fields: dict[str, Any] = field(default_factory=dict)
-    payload: bytes = b""
+    payload: Buffer = b""
 
     def get(self, name: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
         """A header field of the expected type, or a ProtocolError naming it."""
@@ -63,37 +66,57 @@ class Codec:
         self._dctx = zstandard.ZstdDecompressor()
 
     def encode(self, type_: str, epoch: int, fields: dict[str, Any] | None = None, payload: bytes = b"") -> bytes:
+        """One frame as a single bytes object."""
+        return b"".join(self.frame(type_, epoch, fields, [payload]))
+
+    def frame(self, type_: str, epoch: int, fields: dict[str, Any] | None, parts: Sequence[Buffer]) -> list[Buffer]:
+        """One frame as a list of buffers, the payload being `parts` in order.
+
+        The parts are not joined unless they are compressed: a batch of file data goes to the
+        TLS writer without another copy.
+        """
         header = dict(fields or {})
         header["t"] = type_
         header["epoch"] = epoch
         raw_header = json.dumps(header, separators=(",", ":")).encode()
+        size = sum(len(p) for p in parts)
         flags = 0
-        if self.compress and len(payload) >= MIN_COMPRESS and self._worth_compressing(payload):
-            packed = self._cctx.compress(payload)
-            if len(packed) < len(payload):
-                payload, flags = packed, FLAG_ZSTD
-        frame_len = 1 + 4 + len(raw_header) + len(payload)
+        if self.compress and size >= MIN_COMPRESS and self._worth_compressing(parts):
+            packed = self._cctx.compress(b"".join(parts))
+            if len(packed) < size:
+                parts, size, flags = [packed], len(packed), FLAG_ZSTD
+        frame_len = 1 + 4 + len(raw_header) + size
         if frame_len > self.max_frame + HEADER_MAX:
             raise ProtocolError(f"frame of {frame_len} bytes exceeds the limit of {self.max_frame}")
-        return _HEAD.pack(frame_len, flags, len(raw_header)) + raw_header + payload
+        return [_HEAD.pack(frame_len, flags, len(raw_header)) + raw_header, *parts]
 
-    def _worth_compressing(self, payload: bytes) -> bool:
+    def check_frame_length(self, frame_len: int) -> None:
+        """Refuse a frame length before anything of the frame is read or allocated."""
+        if frame_len > self.max_frame + HEADER_MAX or frame_len < 5:
+            raise ProtocolError(f"frame length {frame_len} outside 5..{self.max_frame + HEADER_MAX}")
+
+    def _worth_compressing(self, parts: Sequence[Buffer]) -> bool:
         """Sample large payloads first: compressing incompressible megabytes only burns CPU."""
-        if len(payload) <= SAMPLE:
+        size = sum(len(p) for p in parts)
+        if size <= SAMPLE:
             return True
-        sample = payload[:SAMPLE]
-        return len(self._cctx.compress(sample)) < SAMPLE * 0.9
+        sample = bytearray()
+        for p in parts:
+            sample += p[: SAMPLE - len(sample)]
+            if len(sample) >= SAMPLE:
+                break
+        return len(self._cctx.compress(bytes(sample))) < SAMPLE * 0.9
 
     async def read(self, reader: asyncio.StreamReader) -> Message:
         """Read one frame; raises IncompleteReadError at a clean end of stream."""
         head = await reader.readexactly(4)
         (frame_len,) = struct.unpack(">I", head)
-        if frame_len > self.max_frame + HEADER_MAX or frame_len < 5:
-            raise ProtocolError(f"frame length {frame_len} outside 5..{self.max_frame + HEADER_MAX}")
+        self.check_frame_length(frame_len)
         body = await reader.readexactly(frame_len)
         return self.decode_body(body)
 
-    def decode_body(self, body: bytes) -> Message:
+    def decode_body(self, body: bytes | bytearray) -> Message:
+        """A frame's body as a Message; the payload is a view of `body`, not a copy."""
         flags = body[0]
         (header_len,) = struct.unpack(">I", body[1:5])
         if header_len > HEADER_MAX or 5 + header_len > len(body):
@@ -110,7 +133,7 @@ class Codec:
             raise ProtocolError("t: expected the message type as a string")
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ProtocolError(f"{type_}.epoch: expected a non-negative int")
-        payload = body[5 + header_len :]
+        payload: Buffer = memoryview(body)[5 + header_len :]
         if flags & FLAG_ZSTD:
             try:
                 payload = self._dctx.decompress(payload, max_output_size=self.max_frame)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from engine.apply import Applier
 from engine.channel import Link
 from engine.errors import NfError, PathError, ProtocolError
-from engine.journaler import shipped_entry
+from engine.journaler import fill_hashes, shipped_entry
 from engine.manifest import Entry, scan_tree
 from engine.paths import check_rel_path, tree_of
 from engine.protocol import Message
@@ -44,12 +44,12 @@ MANIFEST_CHUNK = 2000
 Record = tuple[str, dict[str, Any], bytes]
 
 
-def pack_batch(records: list[tuple[int | None, str, dict[str, Any], bytes, float]]) -> tuple[dict[str, Any], bytes]:
-    """Header fields and payload of a `recs` frame."""
+def pack_batch(records: list[tuple[int | None, str, dict[str, Any], bytes, float]]) -> tuple[dict[str, Any], list[bytes]]:
+    """Header fields and payload parts (each record's data, in order) of a `recs` frame."""
     heads = []
     for seq, op, meta, data, ts in records:
         heads.append({"seq": seq, "op": op, "meta": meta, "len": len(data), "ts": ts})
-    return {"records": heads}, b"".join(r[3] for r in records)
+    return {"records": heads}, [r[3] for r in records]
 
 
 def unpack_batch(msg: Message) -> list[tuple[int | None, str, dict[str, Any], bytes, float]]:
@@ -96,7 +96,7 @@ class ManifestWaiter:
             return
         entries, fut = self._pending[rid]
         if msg.type == "manifest":
-            entries.extend(Entry.from_json(e) for e in json.loads(msg.payload or b"[]"))
+            entries.extend(Entry.from_json(e) for e in json.loads(bytes(msg.payload) or b"[]"))
             return
         del self._pending[rid]
         error = msg.get("error", str, optional=True)
@@ -213,26 +213,37 @@ class Sender:
         return total
 
     async def compare(self, path: str) -> list[Difference]:
-        """Differences between the active and this passive under one path."""
+        """Differences between the active and this passive under one path.
+
+        The passive's manifest comes first: the active hashes only the files the passive also
+        holds (a file the passive lacks is shipped whole and hashed on the way).
+        """
         rid, fut = self.manifests.new()
         await self.link.send("manifest_req", {"id": rid, "path": path})
-        mine = await asyncio.to_thread(_scan, self.node.root, self.cluster, path, self.settings.block_size, self.state)
-        theirs = await fut
-        return diff(mine, {e.path: e for e in theirs})
+        theirs = {e.path: e for e in await fut}
+        mine = await asyncio.to_thread(_scan, self.node.root, self.cluster, path, self.settings.block_size,
+                                       self.state, theirs)
+        return diff(mine, theirs)
 
     async def send_repairs(self, differences: list[Difference]) -> None:
         if not differences:
             return
-        gen = repair_records(self.node.root, differences, block_size=self.settings.block_size, chunk=self.chunk)
+        hashed: list[Entry] = []
+        gen = repair_records(self.node.root, differences, block_size=self.settings.block_size, chunk=self.chunk,
+                             on_hashed=hashed.append)
         while True:
             batch = await asyncio.to_thread(_take, gen)
+            if hashed:
+                await asyncio.to_thread(_keep_hashes, self.db, hashed[:])
+                hashed.clear()
             if not batch:
                 return
             now = time.time()
             await self._send([(None, op, meta, data, now) for op, meta, data in batch])
 
     async def _send(self, records: list[tuple[int | None, str, dict[str, Any], bytes, float]]) -> None:
-        fields, payload = pack_batch(records)
+        fields, parts = pack_batch(records)
+        size = sum(len(p) for p in parts)
         last = max((r[0] for r in records if r[0] is not None), default=None)
         while self.inflight and sum(n for _, n in self.inflight) > WINDOW_BYTES and not self.link.closed:
             self.progress.ack_event.clear()
@@ -240,9 +251,9 @@ class Sender:
             self._trim_inflight()
         if last is not None:
             fields["last"] = last
-        await self.link.send("recs", fields, payload)
+        await self.link.send("recs", fields, parts)
         if last is not None:
-            self.inflight.append((last, len(payload)))
+            self.inflight.append((last, size))
 
     def _trim_inflight(self) -> None:
         received = self.progress.acked_received
@@ -338,14 +349,17 @@ class Receiver:
         return self.state.db.execute("SELECT 1 FROM recvq LIMIT 1").fetchone() is not None
 
     def _apply_direct(self, records: list[tuple[int | None, str, dict[str, Any], bytes, float]]) -> None:
-        for _seq, op, meta, data, _ts in records:
-            try:
-                self.applier.apply(op, meta, data)
-            except (PathError, ProtocolError) as exc:
-                self._refused(op, None, exc)
-            except OSError as exc:  # verify finds what a failed sync record left behind
-                self.last_error = f"sync {op} {meta.get('path')}: {exc}"
-                log.error("%s", self.last_error)
+        try:
+            for _seq, op, meta, data, _ts in records:
+                try:
+                    self.applier.apply(op, meta, data)
+                except (PathError, ProtocolError) as exc:
+                    self._refused(op, None, exc)
+                except OSError as exc:  # verify finds what a failed sync record left behind
+                    self.last_error = f"sync {op} {meta.get('path')}: {exc}"
+                    log.error("%s", self.last_error)
+        finally:
+            self.applier.end_batch()
 
     def _refused(self, op: str, seq: int | None, exc: Exception) -> None:
         self.last_error = str(exc)
@@ -398,6 +412,7 @@ class Receiver:
                     done_seq = seq
             if time.monotonic() > deadline:
                 break
+        self.applier.end_batch()
         if done_id == self._done_id:
             return True  # a unit still in progress, or a retry after an I/O error
         _syncfs(self.node.root)
@@ -456,17 +471,44 @@ def _take(gen: Iterator[Record]) -> list[Record]:
 
 
 def manifest(root: Path, cluster: "ClusterConfig", path: str, block_size: int,
-             reuse: Callable[[str], Entry | None] | None = None) -> list[Entry]:
+             reuse: Callable[[str], Entry | None] | None = None,
+             with_hashes: bool | Callable[[str], bool] = True) -> list[Entry]:
     """Entries of one subtree with block hashes; `reuse` skips re-hashing unchanged files."""
     check_rel_path(path, cluster.protected, allow_tree_root=True)
     tree = tree_of(path, cluster.protected)
     if tree is None:
         raise PathError(path, "outside the protected set")
     only = None if path == tree.rel else path[len(tree.rel) + 1 :]
-    return list(scan_tree(root, tree, block_size=block_size, with_hashes=True, reuse=reuse, only=only))
+    return list(scan_tree(root, tree, block_size=block_size, with_hashes=with_hashes, reuse=reuse, only=only))
 
 
-def _scan(root: Path, cluster: "ClusterConfig", path: str, block_size: int, state: State) -> dict[str, Entry]:
-    """The active's manifest of a subtree, reusing shipped hashes where size and mtime match."""
+def _scan(root: Path, cluster: "ClusterConfig", path: str, block_size: int, state: State,
+          theirs: dict[str, Entry]) -> dict[str, Entry]:
+    """The active's manifest of a subtree, hashing only files the passive holds too, and reusing
+    shipped hashes where size and mtime match; hashes it had to compute are kept as shipped."""
     db = state.connect()  # its own connection: verify may scan while the sender streams
-    return {e.path: e for e in manifest(root, cluster, path, block_size, lambda p: shipped_entry(db, p))}
+    try:
+        def held(p: str) -> bool:
+            e = theirs.get(p)
+            return e is not None and e.kind == "file"
+
+        reused: set[str] = set()
+
+        def known(p: str) -> Entry | None:
+            e = shipped_entry(db, p)
+            if e is not None and e.hashes is not None:
+                reused.add(p)
+            return e
+
+        mine = {e.path: e for e in manifest(root, cluster, path, block_size, reuse=known, with_hashes=held)}
+        _keep_hashes(db, [e for e in mine.values() if e.hashes is not None and e.path not in reused])
+        return mine
+    finally:
+        db.close()
+
+
+def _keep_hashes(db: sqlite3.Connection, entries: list[Entry]) -> None:
+    if entries:
+        db.execute("BEGIN IMMEDIATE")
+        fill_hashes(db, entries)
+        db.execute("COMMIT")

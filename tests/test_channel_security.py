@@ -90,8 +90,8 @@ def test_forged_paths_are_refused_and_nothing_is_written_outside(demo: Demo) -> 
         records = [(None, "file", {"path": p, "gid": None, "size": 5, "mode": 0o644, "mtime_ns": 0,
                                    "fresh": True}, b"", time.time()) for p in forged]
         records.append((None, "mkdir", {"path": "srv/data/legit", "mode": 0o755, "mtime_ns": 0}, b"", time.time()))
-        fields, payload = pack_batch(records)
-        writer.write(codec.encode("recs", epoch, fields, payload))
+        fields, parts = pack_batch(records)
+        writer.write(codec.encode("recs", epoch, fields, b"".join(parts)))
         await writer.drain()
         deadline = time.monotonic() + 20
         while not (demo.data("secondary") / "legit").exists() and time.monotonic() < deadline:
@@ -121,8 +121,8 @@ def test_a_sequence_gap_is_refused_and_logged(demo: Demo) -> None:
         await codec.read(reader)
         held = demo.node_status("secondary")["applied_seq"]
         mkdir = {"path": "srv/data/gap", "mode": 0o755, "mtime_ns": 0}
-        fields, payload = pack_batch([(held + 5, "mkdir", mkdir, b"", time.time())])
-        writer.write(codec.encode("recs", epoch, fields, payload))
+        fields, parts = pack_batch([(held + 5, "mkdir", mkdir, b"", time.time())])
+        writer.write(codec.encode("recs", epoch, fields, b"".join(parts)))
         await writer.drain()
         try:
             while True:  # heartbeats until the secondary closes the link
