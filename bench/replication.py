@@ -9,9 +9,13 @@ What is measured, and why it is a fair comparison:
    the active's status says the passive is level (no send queue, not syncing, same applied
    sequence) and a file count/size check of both trees agrees; the agents' start-up time (until
    both are connected) is reported separately. Baselines: `cp -a`, `rsync -a` local, and rsync
-   over its daemon on loopback. The page cache is dropped before every run so everyone reads the
-   source from disk. nf fsyncs every file it applies; the baselines do not, so their time is also
-   shown with a trailing `sync` (ratios use the faster figure without it, which is stricter on nf).
+   over its daemon on loopback. Three rounds (one with --quick), each in a rotated order, and each
+   tool's median is reported. The page cache is dropped before every run so everyone reads the
+   source from disk. nf flushes the replica (syncfs) before it counts the passive level; the
+   baselines do not, so their time is also shown with a trailing `sync` (ratios use the faster
+   figure without it, which is stricter on nf). No copy is deleted until the run ends: ext4
+   creates files slowly for minutes after many were deleted, which would handicap whoever ran
+   next (leave a few minutes between runs for the same reason).
 2. lag    -- a writer overwrites/creates small files at a fixed rate (deadline-scheduled, no sleep
    drift); an inotify watcher on the destination reads each file that lands and records, per
    write, the time until the destination holds that version or a newer one. nf against lsyncd
@@ -77,14 +81,15 @@ class Sizes:
     lag_rate: int
     delta_mib: int
     memory_files: int
+    sync_rounds: int
 
     @property
     def label(self) -> str:
         return "quick" if self.big_files < 8 else "full"
 
 
-FULL = Sizes(8, 128, 20_000, 200, 20.0, 200, 1024, 100_000)
-QUICK = Sizes(2, 128, 5_000, 50, 10.0, 200, 256, 20_000)
+FULL = Sizes(8, 128, 20_000, 200, 20.0, 200, 1024, 100_000, 3)
+QUICK = Sizes(2, 128, 5_000, 50, 10.0, 200, 256, 20_000, 1)
 
 
 # -- small helpers -----------------------------------------------------------------------------
@@ -358,17 +363,30 @@ def rsync_daemon(base: Path, dest: Path) -> Iterator[str]:
 
 # -- 1. initial sync ---------------------------------------------------------------------------
 def bench_sync(s: Sizes, base: Path) -> dict[str, Any]:
+    """Rounds of every tool, each round in a rotated order, reporting each tool's median: a
+    virtual machine's first touch of fresh memory and the disk's mood make a single run, and
+    whoever runs first in it, noisy."""
     src = sync_dataset(s)
     files, size = tree_stats(src)
-    out: dict[str, Any] = {"files": files, "bytes": size, "page_cache": "dropped before every run"}
-    out["nf"] = sync_nf(src, base)
-    for name, cmd in baseline_commands(src, base).items():
-        out[name] = sync_baseline(name, cmd, src, base)
+    out: dict[str, Any] = {"files": files, "bytes": size, "page_cache": "dropped before every run",
+                           "rounds": s.sync_rounds}
+    commands = baseline_commands(src)
+    tools = ["nf", *commands]
+    runs: dict[str, list[dict[str, float]]] = {t: [] for t in tools}
+    for r in range(s.sync_rounds):
+        for tool in tools[r % len(tools):] + tools[: r % len(tools)]:
+            if tool == "nf":
+                runs[tool].append(sync_nf(src, base, f"sync-{r}"))
+            else:
+                runs[tool].append(sync_baseline(tool, commands[tool], src, base / f"baseline-{r}-{tools.index(tool)}"))
+    for tool, results in runs.items():
+        out[tool] = {k: statistics.median(x[k] for x in results) for k in results[0]}
+        out[tool]["runs"] = [round(x["seconds"], 2) for x in results]
     return out
 
 
-def sync_nf(src: Path, base: Path) -> dict[str, float]:
-    with nf_cluster(base, "sync") as c:
+def sync_nf(src: Path, base: Path, name: str) -> dict[str, float]:
+    with nf_cluster(base, name) as c:
         run(["cp", "-a", f"{src}/.", str(c.data("primary"))])
         drop_caches()
         log("sync: nf")
@@ -387,7 +405,7 @@ def sync_nf(src: Path, base: Path) -> dict[str, float]:
                 "startup_connected_s": marks.get("connected", t_level) - t0}
 
 
-def baseline_commands(src: Path, base: Path) -> dict[str, Callable[[Path], list[str]]]:
+def baseline_commands(src: Path) -> dict[str, Callable[[Path], list[str]]]:
     return {
         "cp -a": lambda dst: ["cp", "-a", f"{src}/.", str(dst)],
         "rsync -a (local)": lambda dst: ["rsync", "-a", f"{src}/", f"{dst}/"],
@@ -395,25 +413,23 @@ def baseline_commands(src: Path, base: Path) -> dict[str, Callable[[Path], list[
     }
 
 
-def sync_baseline(name: str, cmd: Callable[[Path], list[str]], src: Path, base: Path) -> dict[str, float]:
-    dst = base / "baseline-dst"
-    shutil.rmtree(dst, ignore_errors=True)
+def sync_baseline(name: str, cmd: Callable[[Path], list[str]], src: Path, dst: Path) -> dict[str, float]:
+    """One baseline run into a new `dst`, kept until the whole run ends: ext4 makes file creation
+    slow for minutes after many files were deleted (it skips recently freed inodes), so deleting
+    one run's copy before the next would handicap whoever runs next."""
     dst.mkdir()
     log(f"sync: {name}")
-    try:
-        with rsync_daemon(base, dst) as url:
-            argv = [url if a == "URL" else a for a in cmd(dst)]
-            drop_caches()
-            t0 = time.monotonic()
-            run(argv)
-            t1 = time.monotonic()
-            os.sync()
-            t2 = time.monotonic()
-        if tree_stats(src) != tree_stats(dst):
-            raise RuntimeError(f"{name} left a different tree")
-        return {"seconds": t1 - t0, "seconds_with_sync": t2 - t0}
-    finally:
-        shutil.rmtree(dst, ignore_errors=True)
+    with rsync_daemon(dst.parent, dst) as url:
+        argv = [url if a == "URL" else a for a in cmd(dst)]
+        drop_caches()
+        t0 = time.monotonic()
+        run(argv)
+        t1 = time.monotonic()
+        os.sync()
+        t2 = time.monotonic()
+    if tree_stats(src) != tree_stats(dst):
+        raise RuntimeError(f"{name} left a different tree")
+    return {"seconds": t1 - t0, "seconds_with_sync": t2 - t0}
 
 
 # -- 2. lag ------------------------------------------------------------------------------------
@@ -702,7 +718,8 @@ def sync_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     cp, rs = r["cp -a"]["seconds"], r["rsync -a (local)"]["seconds"]
     base = "; ".join(f"{k} {v['seconds']:.1f} s ({v['seconds_with_sync']:.1f} s incl. sync)"
                      for k, v in r.items() if isinstance(v, dict) and "seconds_with_sync" in v)
-    what = f"Initial sync, {r['bytes'] / (1 << 30):.2f} GiB in {r['files']:,} files"
+    what = (f"Initial sync, {r['bytes'] / (1 << 30):.2f} GiB in {r['files']:,} files "
+            f"(median of {r.get('rounds', 1)} rounds)")
     target = (f"≤ rsync -a {verdict(nf_s <= rs)} (×{nf_s / rs:.2f}); ≤ 1.5 × cp -a {verdict(nf_s <= 1.5 * cp)} "
               f"(×{nf_s / cp:.2f})")
     nf_txt = f"{nf_s:.1f} s (agent start-up until connected {r['nf']['startup_connected_s']:.1f} s)"

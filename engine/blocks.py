@@ -16,12 +16,15 @@ from pathlib import Path
 import xxhash
 
 __all__ = ["DIGEST_SIZE", "zero_digest", "ZERO_DIGEST", "hash_file", "changed_blocks", "read_ranges",
-           "data_extents", "new_digests", "read_hashing"]
+           "data_extents", "new_digests", "read_hashing", "hash_bytes", "read_whole", "INLINE_BYTES"]
 
 DIGEST_SIZE = 16
 
 #: Bytes read per pread while hashing (a whole number of blocks at least this large).
 _READ_BYTES = 4 << 20
+
+#: A new file up to this size is shipped whole in one record (see `engine.apply`).
+INLINE_BYTES = 64 << 10
 
 _digest = xxhash.xxh3_128_digest
 
@@ -59,6 +62,17 @@ def hash_file(path_or_fd: int | str | Path, block_size: int) -> bytes:
         return _hash_fd(fd, block_size)
     finally:
         os.close(fd)
+
+
+def hash_bytes(data: bytes | memoryview, block_size: int) -> bytes:
+    """Digests of a file whose whole content is `data` (the same as `hash_file` would give)."""
+    view = memoryview(data)
+    return b"".join(_digest(view[off : off + block_size]) for off in range(0, len(view), block_size))
+
+
+def read_whole(fd: int, size: int) -> bytes:
+    """The first `size` bytes of a file (fewer if it shrank), in as few reads as it takes."""
+    return _pread_full(fd, size, 0)
 
 
 def changed_blocks(old: bytes | None, new: bytes, *, block_size: int | None = None) -> list[int]:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.blocks import changed_blocks, hash_file, read_ranges
+from engine.blocks import INLINE_BYTES, changed_blocks, hash_bytes, hash_file, read_ranges, read_whole
 from engine.capture import Change
 from engine.manifest import Entry, same, scan_tree
 from engine.paths import has_ancestor_in, tree_of
@@ -161,10 +161,16 @@ class Journaler:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 return
-            hashes = hash_file(fd, self.block_size)
-            fresh = old is None or old.kind != "file" or old.hashes is None  # no hashes: ship it whole
-            blocks = changed_blocks(None if fresh else old.hashes, hashes)  # type: ignore[union-attr]
             mode = stat.S_IMODE(st.st_mode)
+            fresh = old is None or old.kind != "file" or old.hashes is None  # no hashes: ship it whole
+            if fresh and st.st_size <= INLINE_BYTES:  # whole, in one record
+                data = read_whole(fd, st.st_size)
+                self._ship(Entry(path, "file", mode, len(data), st.st_mtime_ns, None, hash_bytes(data, self.block_size)))
+                yield "file", {"path": path, "gid": None, "size": len(data), "mode": mode,
+                               "mtime_ns": st.st_mtime_ns, "fresh": True}, data
+                return
+            hashes = hash_file(fd, self.block_size)
+            blocks = changed_blocks(None if fresh else old.hashes, hashes)  # type: ignore[union-attr]
             entry = Entry(path, "file", mode, st.st_size, st.st_mtime_ns, None, hashes)
             if not fresh and not blocks and same(old, entry):  # type: ignore[arg-type]
                 return

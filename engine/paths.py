@@ -56,7 +56,8 @@ def check_rel_path(p: object, trees: Iterable["ProtectedTree"], *, allow_tree_ro
         raise PathError(p, "NUL byte")
     if p.startswith("/"):
         raise PathError(p, "absolute path")
-    if len(os.fsencode(p)) > MAX_PATH:
+    # A character encodes to at most 4 bytes: short strings skip the encoding (hot on passives).
+    if len(p) * 4 > MAX_PATH and len(os.fsencode(p)) > MAX_PATH:
         raise PathError(p, f"longer than {MAX_PATH} bytes")
     for part in p.split("/"):
         if part == "..":
@@ -65,7 +66,7 @@ def check_rel_path(p: object, trees: Iterable["ProtectedTree"], *, allow_tree_ro
             raise PathError(p, "'.' component")
         if part == "":
             raise PathError(p, "empty component")
-        if len(os.fsencode(part)) > MAX_NAME:
+        if len(part) * 4 > MAX_NAME and len(os.fsencode(part)) > MAX_NAME:
             raise PathError(p, f"component longer than {MAX_NAME} bytes")
     if posixpath.normpath(p) != p:
         raise PathError(p, "not normalised")

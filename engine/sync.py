@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.blocks import DIGEST_SIZE, changed_blocks, hash_file, new_digests, read_hashing, read_ranges, zero_digest
+from engine.blocks import (DIGEST_SIZE, INLINE_BYTES, changed_blocks, hash_bytes, hash_file, new_digests, read_hashing,
+                           read_ranges, read_whole, zero_digest)
 from engine.manifest import Entry
 from engine.paths import has_ancestor_in
 
@@ -89,7 +90,16 @@ def _file_records(base: str, a: Entry, p: Entry | None, block_size: int, chunk: 
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return
+        mode = stat.S_IMODE(st.st_mode)
         fresh = p is None or p.kind != "file" or p.hashes is None
+        if fresh and st.st_size <= INLINE_BYTES:
+            # Small and new: the whole content in the "file" record, one record instead of two.
+            data = read_whole(fd, st.st_size)
+            if (os.fstat(fd).st_mtime_ns, len(data)) == (st.st_mtime_ns, st.st_size) and on_hashed is not None:
+                on_hashed(Entry(a.path, "file", mode, st.st_size, st.st_mtime_ns, None, hash_bytes(data, block_size)))
+            yield "file", {"path": a.path, "gid": None, "size": len(data), "mode": mode,
+                           "mtime_ns": st.st_mtime_ns, "fresh": True}, data
+            return
         gid = -next(_gids)
         if fresh:
             # One pass: every block is read to be shipped anyway, so it is hashed on the way.
@@ -108,8 +118,8 @@ def _file_records(base: str, a: Entry, p: Entry | None, block_size: int, chunk: 
                 yield "data", {"path": a.path, "gid": gid, "offset": offset, "fresh": False}, data
         end = os.fstat(fd)
         if on_hashed is not None and (end.st_size, end.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
-            on_hashed(Entry(a.path, "file", stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, None, hashes))
-        yield "file", {"path": a.path, "gid": gid, "size": st.st_size, "mode": stat.S_IMODE(st.st_mode),
+            on_hashed(Entry(a.path, "file", mode, st.st_size, st.st_mtime_ns, None, hashes))
+        yield "file", {"path": a.path, "gid": gid, "size": st.st_size, "mode": mode,
                        "mtime_ns": st.st_mtime_ns, "fresh": fresh}, b""
     finally:
         os.close(fd)

@@ -177,6 +177,33 @@ def test_a_file_created_modified_extended_and_truncated_arrives_whole_each_time(
     assert (secondary / "srv/data/dir/file.bin").read_bytes() == f.read_bytes()
 
 
+def test_a_small_new_file_arrives_whole_in_one_record_and_replaces_what_was_there(nodes) -> None:
+    primary, secondary, _, applier = nodes
+    write(primary / "srv/data/d/small", os.urandom(3000))
+    os.chmod(primary / "srv/data/d/small", 0o640)
+    (secondary / "srv/data/d/small").mkdir(parents=True)  # a directory in its place goes
+    st = os.stat(primary / "srv/data/d/small")
+    data = (primary / "srv/data/d/small").read_bytes()
+    meta = {"path": "srv/data/d/small", "gid": None, "size": len(data), "mode": 0o640,
+            "mtime_ns": st.st_mtime_ns, "fresh": True}
+    assert applier.apply("file", meta, data) is True
+    applier.end_batch()
+    assert (secondary / "srv/data/d/small").read_bytes() == data
+    got = os.stat(secondary / "srv/data/d/small")
+    assert (stat.S_IMODE(got.st_mode), got.st_mtime_ns) == (0o640, st.st_mtime_ns)
+    assert os.listdir(secondary / "srv/data/.nf-stage") == []
+
+
+def test_inline_content_that_is_not_the_whole_file_is_refused(nodes) -> None:
+    _, secondary, _, applier = nodes
+    meta = {"path": "srv/data/x", "gid": None, "size": 10, "mode": 0o644, "mtime_ns": 0, "fresh": True}
+    with pytest.raises(ProtocolError, match=r"file: 4 bytes of content for a file of 10 bytes"):
+        applier.apply("file", meta, b"abcd")
+    with pytest.raises(ProtocolError, match="no gid"):
+        applier.apply("file", dict(meta, size=4, gid=7), b"abcd")
+    assert not (secondary / "srv/data/x").exists()
+
+
 def test_an_empty_file_and_its_mode_and_mtime_arrive(nodes) -> None:
     primary, secondary, active, applier = nodes
     f = primary / "srv/data/empty"
