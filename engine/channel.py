@@ -24,6 +24,8 @@ from engine.wire import FrameStream, handshake
 log = logging.getLogger("nf.channel")
 
 HANDSHAKE_TIMEOUT = 10.0
+#: A peer that comes back is dialled again within this long; a refused connect costs nothing.
+DIAL_RETRY_MAX = 0.5
 
 
 class Link:
@@ -155,7 +157,7 @@ class Channel:
                 if link is not None:
                     link.close()
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, DIAL_RETRY_MAX)
                 continue
             delay = 0.1
             await self._run(link)

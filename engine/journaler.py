@@ -237,11 +237,7 @@ class Journaler:
         return shipped_entry(self.db, path)
 
     def _shipped_under(self, path: str) -> dict[str, Entry]:
-        rows = self.db.execute(
-            "SELECT path, kind, mode, size, mtime_ns, target, hashes FROM shipped WHERE path = ? OR path LIKE ? ESCAPE '\\'",
-            (path, _under(path)),
-        )
-        return {row[0]: _entry(row) for row in rows}
+        return shipped_under(self.db, path)
 
 
 
@@ -251,6 +247,15 @@ def shipped_entry(db: sqlite3.Connection, path: str) -> Entry | None:
         "SELECT path, kind, mode, size, mtime_ns, target, hashes FROM shipped WHERE path = ?", (path,)
     ).fetchone()
     return _entry(row) if row else None
+
+
+def shipped_under(db: sqlite3.Connection, path: str) -> dict[str, Entry]:
+    """The last journaled version of `path` and of everything below it."""
+    rows = db.execute(
+        "SELECT path, kind, mode, size, mtime_ns, target, hashes FROM shipped WHERE path = ? OR path LIKE ? ESCAPE '\\'",
+        (path, _under(path)),
+    )
+    return {row[0]: _entry(row) for row in rows}
 
 
 def fill_hashes(db: sqlite3.Connection, entries: Iterable[Entry]) -> None:

@@ -9,6 +9,7 @@ acks *applied* once the applied position is committed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import itertools
 import json
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from engine.apply import Applier
 from engine.channel import Link
 from engine.errors import NfError, PathError, ProtocolError
-from engine.journaler import fill_hashes, shipped_entry
+from engine.journaler import fill_hashes, shipped_entry, shipped_under
 from engine.manifest import Entry, scan_tree
 from engine.paths import check_rel_path, tree_of
 from engine.protocol import Message
@@ -199,7 +200,7 @@ class Sender:
         total: list[Difference] = []
         try:
             for path in paths:
-                differences = await self.compare(path)
+                differences = await self.compare(path, trust_journal=True)
                 total.extend(differences)
                 await self.send_repairs(differences)
             await self._send([(None, "level", {"journal_id": self.journal_id, "head": head}, b"", time.time())])
@@ -212,34 +213,47 @@ class Sender:
                       f"{reason} of {p.node} sent {len(total)} difference(s) in {time.monotonic() - t0:.1f} s")
         return total
 
-    async def compare(self, path: str) -> list[Difference]:
+    async def compare(self, path: str, *, trust_journal: bool = False) -> list[Difference]:
         """Differences between the active and this passive under one path.
 
         The passive's manifest comes first: the active hashes only the files the passive also
-        holds (a file the passive lacks is shipped whole and hashed on the way).
+        holds (a file the passive lacks is shipped whole and hashed on the way). With
+        `trust_journal` (a sync, not verify) and an empty passive, the active's side is what it
+        journaled rather than a walk of its tree.
         """
         rid, fut = self.manifests.new()
         await self.link.send("manifest_req", {"id": rid, "path": path})
         theirs = {e.path: e for e in await fut}
-        mine = await asyncio.to_thread(_scan, self.node.root, self.cluster, path, self.settings.block_size,
-                                       self.state, theirs)
+        if trust_journal and set(theirs) <= {path}:
+            # An empty passive needs everything: what was journaled (shipped) names it without
+            # another walk of the tree, and the journal after `head` carries what changes meanwhile.
+            mine = await asyncio.to_thread(_shipped_manifest, self.state, self.cluster, path)
+        else:
+            mine = await asyncio.to_thread(_scan, self.node.root, self.cluster, path, self.settings.block_size,
+                                           self.state, theirs)
         return diff(mine, theirs)
 
     async def send_repairs(self, differences: list[Difference]) -> None:
         if not differences:
             return
-        hashed: list[Entry] = []
+        hashed: collections.deque[Entry] = collections.deque()  # appended to by the reading thread
         gen = repair_records(self.node.root, differences, block_size=self.settings.block_size, chunk=self.chunk,
                              on_hashed=hashed.append)
-        while True:
-            batch = await asyncio.to_thread(_take, gen)
-            if hashed:
-                await asyncio.to_thread(_keep_hashes, self.db, hashed[:])
-                hashed.clear()
-            if not batch:
-                return
-            now = time.time()
-            await self._send([(None, op, meta, data, now) for op, meta, data in batch])
+        reading = asyncio.ensure_future(asyncio.to_thread(_take, gen))
+        try:
+            while True:
+                batch = await reading
+                if not batch:
+                    break
+                reading = asyncio.ensure_future(asyncio.to_thread(_take, gen))  # the next batch is read meanwhile
+                now = time.time()
+                await self._send([(None, op, meta, data, now) for op, meta, data in batch])
+        finally:
+            if not reading.done():
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
+        kept = [hashed.popleft() for _ in range(len(hashed))]
+        await asyncio.to_thread(_keep_hashes, self.db, kept)
 
     async def _send(self, records: list[tuple[int | None, str, dict[str, Any], bytes, float]]) -> None:
         fields, parts = pack_batch(records)
@@ -503,6 +517,16 @@ def _scan(root: Path, cluster: "ClusterConfig", path: str, block_size: int, stat
         mine = {e.path: e for e in manifest(root, cluster, path, block_size, reuse=known, with_hashes=held)}
         _keep_hashes(db, [e for e in mine.values() if e.hashes is not None and e.path not in reused])
         return mine
+    finally:
+        db.close()
+
+
+def _shipped_manifest(state: State, cluster: "ClusterConfig", path: str) -> dict[str, Entry]:
+    """The active's manifest of a subtree as journaled, in walk order (parents first)."""
+    check_rel_path(path, cluster.protected, allow_tree_root=True)
+    db = state.connect()
+    try:
+        return {e.path: e for e in sorted(shipped_under(db, path).values(), key=lambda e: e.path.split("/"))}
     finally:
         db.close()
 

@@ -49,11 +49,17 @@ class JournalRecord:
 class State:
     """Opens connections to the node's state database and holds the small typed accessors."""
 
+    #: Meta keys read on every heartbeat, message and status call, and written only through
+    #: `put` on this object: served from memory (a query releases the GIL, and getting it back
+    #: behind busy worker threads costs milliseconds).
+    CACHED = frozenset({"role", "epoch"})
+
     def __init__(self, state_dir: Path) -> None:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = state_dir / "state.db"
         self.db = self.connect()
         self.db.executescript(SCHEMA)
+        self._cache: dict[str, str | None] = {}
 
     def connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -63,7 +69,12 @@ class State:
 
     # -- meta -------------------------------------------------------------------------
     def get(self, key: str, default: str | None = None) -> str | None:
+        if key in self._cache:
+            value = self._cache[key]
+            return value if value is not None else default
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        if key in self.CACHED:
+            self._cache[key] = row[0] if row else None
         return row[0] if row else default
 
     def get_int(self, key: str, default: int = 0) -> int:
@@ -77,6 +88,9 @@ class State:
                 "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 [(k, str(v)) for k, v in values.items()],
             )
+        for k, v in values.items():
+            if k in self.CACHED:
+                self._cache[k] = str(v)
 
     # -- events -----------------------------------------------------------------------
     def event(self, level: str, kind: str, message: str, **data: object) -> None:
