@@ -11,6 +11,7 @@ import logging
 import os
 import select
 import signal
+import sqlite3
 import threading
 import time
 import uuid
@@ -24,10 +25,12 @@ from engine.applications import Applications
 from engine.capture import Change, Coalescer, Watcher
 from engine.channel import Channel, Link
 from engine.config import ClusterConfig, NodeConfig, load_cluster, load_node
+from engine.divergence import Divergence, keep_divergence, list_divergences, show_divergence
 from engine.errors import ApiError, ConfigError, NfError, ProtocolError
 from engine.ha import Decision, PeerView, Snapshot, decide
 from engine.identity import probe, provider_for
 from engine.journaler import Journaler
+from engine.netprobe import parse_target, probe_all
 from engine.protocol import Codec, Message
 from engine.replication import ManifestWaiter, PeerProgress, Receiver, Sender
 from engine.state import State
@@ -82,6 +85,8 @@ class Agent:
         self.intent: str | None = None
         self.decisions: list[dict[str, Any]] = []
         self._last_shape = ""
+        self.probes = tuple(parse_target(t) for t in cluster.heartbeat.probes)
+        self.public_ok: bool | None = None  # None until probed, and always without probes
         self.alerter = Alerter(cluster.alerts, cluster.name, node.id)
         self.apps = Applications(cluster.applications, cluster.name, node.id, self.event)
         self.identity = provider_for(cluster.public.provider, cluster.name, node.id, cluster.public.addresses)
@@ -97,6 +102,7 @@ class Agent:
             "ping": self._api_ping, "status": self._api_status, "verify": self._api_verify,
             "events": self._api_events, "rescan": self._api_rescan, "why": self._api_why,
             "failover": self._api_failover, "switchover": self._api_switchover,
+            "divergences": self._api_divergences, "divergence": self._api_divergence,
         })
 
     # -- role -------------------------------------------------------------------------
@@ -129,6 +135,8 @@ class Agent:
             await self._check_before_acting()
         self.starting = False
         self._spawn(self._heartbeat_loop())  # before capture: a long start-up scan must not look like silence
+        if self.probes:
+            self._spawn(self._probe_loop())
         await self._enter_role()
         self._spawn(self._maintenance_loop())
         self._spawn(self._ha_loop())
@@ -184,6 +192,7 @@ class Agent:
             await asyncio.sleep(0.05)
         highest = max((int(v.get("epoch") or 0) for v in self.views.values()), default=0)
         if highest > self.epoch:
+            await self._keep_divergence(highest)
             self.state.put(role="passive", epoch=highest)
             self.event("warning", "role_changed", f"{self.node.id}: active -> passive at epoch {highest}: "
                        f"stepping down at start: a peer is at epoch {highest}, above ours", old="active",
@@ -221,6 +230,8 @@ class Agent:
     async def _change_role(self, role: str, epoch: int, sentence: str) -> None:
         old = self.role
         await self._leave_role()
+        if old == "active" and role == "passive":
+            await self._keep_divergence(epoch)
         values: dict[str, object] = {"role": role, "epoch": epoch}
         if role == "active":
             values.update(journal_id=uuid.uuid4().hex, needs_baseline=1)
@@ -235,6 +246,35 @@ class Agent:
         for link in list(self.channel.links.values()):
             link.close()  # peers learn the new role and journal in a fresh hello
         await self._enter_role()
+
+    async def _keep_divergence(self, epoch: int) -> None:
+        """Before a stale active resyncs, copy aside what it wrote after the fork (never merged)."""
+        journaler = getattr(self, "journaler", None)
+        if journaler is not None:  # writes captured but not journaled yet (a frozen agent just woke) count too
+            changes = [Change("rescan", tree.rel) for tree in self.cluster.protected]
+            try:
+                await asyncio.to_thread(journaler.process, changes)
+            except (OSError, sqlite3.Error) as exc:
+                log.warning("last rescan before keeping the divergence failed: %s", exc)
+        for node, p in self.progress.items():  # the latest acks, not only the last persisted ones
+            self.state.db.execute("UPDATE peers SET acked_applied=MAX(acked_applied, ?) WHERE node=?",
+                                  (p.acked_applied, node))
+        def keep() -> Divergence | None:
+            db = self.state.connect()
+            try:
+                return keep_divergence(db, self.node.root, self.node.state_dir, epoch)
+            finally:
+                db.close()
+
+        try:
+            kept = await asyncio.to_thread(keep)
+        except (OSError, sqlite3.Error) as exc:
+            self.event("error", "divergence_failed", f"could not keep the writes made after the fork: {exc}")
+            return
+        if kept is not None:
+            self.event("warning", "divergence", f"kept {len(kept.paths)} path(s) written after the fork as "
+                       f"divergence {kept.id} in {kept.directory}; see nf divergence show {kept.id}",
+                       id=kept.id, paths=len(kept.paths))
 
     def _spawn_role(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -286,7 +326,8 @@ class Agent:
         queue = self.state.recvq_stats()[0] if self.role == "passive" else 0
         snap = Snapshot(self.node.id, self.role, self.epoch, tuple(peers), self.cluster.heartbeat.failover_timeout,
                         queue_records=queue, applied_seq=self.state.get_int("applied_seq"),
-                        intent=self.intent, level=self.state.get("source_journal_id") is not None)
+                        intent=self.intent, level=self.state.get("source_journal_id") is not None,
+                        public_ok=self.public_ok)
         if self.role == "passive" and not snap.intent and _active_silent(snap):
             answer = await probe(self.cluster.name, self.cluster.public.addresses)
             snap = replace(snap, active_answers=answer is not None and answer.node != self.node.id)
@@ -530,6 +571,24 @@ class Agent:
                 delay = 0
             await asyncio.sleep(delay)
 
+    async def _probe_loop(self) -> None:
+        """Probe the public network every heartbeat interval; losses and recoveries are events."""
+        interval = self.cluster.heartbeat.interval
+        timeout = min(1.0, self.cluster.heartbeat.failover_timeout / 3)
+        while True:
+            started = time.monotonic()
+            answers = await probe_all(self.probes, timeout)
+            ok = any(answers.values())
+            if ok != self.public_ok:
+                silent = ", ".join(str(t) for t, up in answers.items() if not up) or "none"
+                if ok:
+                    self.event("info", "public_network_up", f"public network answers (silent: {silent})")
+                else:
+                    self.event("warning", "public_network_down", f"no public network probe answers ({silent})")
+                self.public_ok = ok
+                self.ha_wake.set()
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
     def _heartbeat_fields(self) -> dict[str, Any]:
         me = self._self_view()
         return {k: v for k, v in me.items() if k not in ("id", "connected", "epoch")}
@@ -638,7 +697,7 @@ class Agent:
                 entry["dirty_paths"] = ap.get("dirty_paths", 0)
             nodes.append(entry)
         return {"cluster": self.cluster.name, "answered_by": self.node.id, "role": self.role,
-                "epoch": self.epoch, "nodes": nodes}
+                "epoch": self.epoch, "public_ok": self.public_ok, "nodes": nodes}
 
     def event(self, level: str, kind: str, message: str, **data: object) -> None:
         getattr(log, "warning" if level == "warning" else "error" if level == "error" else "info")(message)
@@ -660,6 +719,15 @@ class Agent:
         if not isinstance(limit, int) or not 1 <= limit <= 10000:
             raise ApiError("limit: expected an integer 1..10000", field="limit")
         return self.state.events(limit)
+
+    async def _api_divergences(self, _req: dict[str, Any]) -> dict[str, Any]:
+        return {"node": self.node.id, "divergences": list_divergences(self.state.db, self.node.state_dir)}
+
+    async def _api_divergence(self, req: dict[str, Any]) -> dict[str, Any]:
+        div_id = req.get("id")
+        if not isinstance(div_id, int) or isinstance(div_id, bool) or div_id < 1:
+            raise ApiError("id: expected a divergence id (a positive integer)", field="id")
+        return dict(show_divergence(self.state.db, self.node.state_dir, div_id), node=self.node.id)
 
     async def _api_why(self, req: dict[str, Any]) -> dict[str, Any]:
         limit = req.get("limit", 20)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError
+from engine.netprobe import parse_target
 
 NODE_IDS = ("primary", "secondary", "tertiary")
 STAGE_DIR = ".nf-stage"  # nf's own staging directory at the top of each protected tree
@@ -114,6 +115,7 @@ class ReplicationSettings:
 class HeartbeatSettings:
     interval: float = 0.5  # seconds, > 0
     failover_timeout: float = 3.0  # > 2 * interval, so one lost heartbeat never fails over
+    probes: tuple[str, ...] = ()  # public network targets: "tcp:HOST:PORT" or "icmp:HOST"
 
 
 @dataclass(frozen=True)
@@ -508,8 +510,15 @@ def _heartbeat(r: _Reader) -> HeartbeatSettings:
     interval = r.number("interval", d.interval, lambda v: v > 0, "seconds, more than 0")
     timeout = r.number("failover_timeout", d.failover_timeout, lambda v: v > 2 * interval,
                        f"seconds, more than 2 * interval ({2 * interval:g})")
+    expected = 'a list of probe targets like "tcp:192.0.2.1:53" or "icmp:192.0.2.254"'
+    probes = r.strings("probes", expected, default=[])
+    for i, text in enumerate(probes):
+        try:
+            parse_target(text)
+        except ValueError as exc:
+            raise r.error(f"probes[{i}]", f"{exc} (a gateway or DNS server on the public network)", text) from None
     r.done()
-    return HeartbeatSettings(interval, timeout)
+    return HeartbeatSettings(interval, timeout, probes)
 
 
 def _applications(top: _Reader) -> tuple[Application, ...]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from conftest import Demo, nf, wait_for
 from engine.config import load_cluster
@@ -103,9 +104,25 @@ def test_a_paused_active_steps_down_when_it_resumes_and_never_answers_beside_the
         wait_for(lambda: demo.node_status("secondary")["role"] == "active", 30,
                  "the secondary to promote while the primary is frozen")
         assert _holder(demo) is None, "the frozen primary's socket answers nothing, and the new active waits for it"
+        # an application on the frozen node's machine keeps writing: after the fork, so a divergence
+        (demo.data("primary") / "written-after-fork").write_text("only the old active has this\n")
     finally:
         os.kill(pid, signal.SIGCONT)
     wait_for(lambda: _holder(demo) == "secondary", 30, "the public identity to move once the old active lets go")
     wait_for(lambda: demo.node_status("primary")["role"] == "passive", 30, "the old active to step down")
     events = [e["message"] for e in demo.events("primary")]
     assert any("stepping down" in m for m in events), events
+
+    # its post-fork write is kept aside, listed, and never merged into the new active
+    listed = json.loads(nf("divergence", "list", "--config", str(demo.config), "--json").stdout)
+    kept = next(n for n in listed["nodes"] if n["node"] == "primary")["divergences"]
+    assert len(kept) == 1, listed
+    shown = json.loads(nf("divergence", "show", "--config", str(demo.config), "--node", "primary",
+                          str(kept[0]["id"]), "--json").stdout)
+    entry = next(p for p in shown["paths"] if p["path"] == "srv/data/written-after-fork")
+    assert Path(entry["copy"]).read_text() == "only the old active has this\n"
+    wait_for(lambda: not (demo.data("primary") / "written-after-fork").exists(), 30,
+             "the old active to resync to the new active's tree")
+    assert not (demo.data("secondary") / "written-after-fork").exists()
+    missing = nf("divergence", "show", "--config", str(demo.config), "--node", "primary", "99", check=False)
+    assert missing.returncode == 1 and "no divergence 99" in missing.stdout + missing.stderr
