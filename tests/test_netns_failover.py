@@ -1,0 +1,89 @@
+"""Failover on the namespace testbed (tests/netbed.py) with the `linux` identity provider.
+
+Each node is a network namespace with its own agent, the public address moves between them with
+`ip addr`, and a client in its own namespace reads a file over HTTP from the service on the
+public address, the way users of a clustered server would.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import require, require_root, tree_diff, wait_for
+from netbed import NetBed
+
+
+@pytest.fixture
+def bed(tmp_path: Path) -> Iterator[NetBed]:
+    require_root()
+    require(shutil.which("ip") is not None and shutil.which("unshare") is not None,
+            "needs iproute2 (ip) and util-linux (unshare)")
+    probe = subprocess.run(["ip", "netns", "add", "nfprobe-ns"], capture_output=True)
+    subprocess.run(["ip", "netns", "del", "nfprobe-ns"], capture_output=True)
+    require(probe.returncode == 0, "needs network namespaces (ip netns add)")
+    b = NetBed(tmp_path / "bed")
+    b.workdir.mkdir(parents=True)
+    try:
+        b.up()
+        yield b
+    finally:
+        b.down()
+
+
+def _running(bed: NetBed) -> None:
+    bed.create()
+    bed.start("primary")
+    wait_for(lambda: bed.role("primary") == "active", 30, "the primary to be active")
+    bed.start("secondary")
+    wait_for(lambda: bed.role("secondary") == "passive" and all(n["connected"] for n in bed.status("primary")["nodes"]),
+             30, "the secondary to follow the primary")
+
+
+def test_the_active_node_dies_and_the_client_is_served_by_the_secondary(bed: NetBed) -> None:
+    _running(bed)
+    (bed.data("primary") / "index.txt").write_text("served by the cluster\n")
+    bed.wait_serving("index.txt", "served by the cluster\n")
+    for i in range(50):
+        (bed.data("primary") / f"acked-{i:02d}").write_text(f"file {i}\n")
+    wait_for(lambda: tree_diff(bed.data("primary"), bed.data("secondary")) == [], 30,
+             "every file to be applied on the secondary")
+    host_name = subprocess.run(["hostname"], capture_output=True, text=True).stdout
+
+    t0 = time.monotonic()
+    bed.crash("primary")
+    bed.wait_serving("index.txt", "served by the cluster\n", timeout=60)
+    downtime = time.monotonic() - t0
+
+    assert bed.role("secondary") == "active"
+    for i in range(50):
+        assert (bed.data("secondary") / f"acked-{i:02d}").read_text() == f"file {i}\n"
+    got = subprocess.run(["ip", "-n", bed.ns["secondary"], "-o", "addr", "show", "dev", "eth0"],
+                         capture_output=True, text=True).stdout
+    assert "10.77.0.50/" in got, "the linux provider put the public address on the new active's interface"
+    assert subprocess.run(["hostname"], capture_output=True, text=True).stdout == host_name, \
+        "the machine's own host name is untouched"
+    assert downtime < 60
+
+
+def test_a_cut_channel_with_the_public_network_up_promotes_nobody_and_resyncs_on_heal(bed: NetBed) -> None:
+    _running(bed)
+    (bed.data("primary") / "before").write_text("before the cut\n")
+    wait_for(lambda: (bed.data("secondary") / "before").exists(), 30, "replication before the cut")
+    bed.cut_channel()
+    (bed.data("primary") / "during").write_text("written while the channel is down\n")
+    timeout = 3.0  # the default failover timeout
+    deadline = time.monotonic() + 3 * timeout
+    while time.monotonic() < deadline:  # the secondary hears no heartbeat, but the active still answers
+        assert bed.role("secondary") == "passive", "a passive promoted while the active was alive"
+        assert bed.role("primary") == "active"
+        time.sleep(0.2)
+    assert not (bed.data("secondary") / "during").exists()
+    bed.heal_channel()
+    wait_for(lambda: tree_diff(bed.data("primary"), bed.data("secondary")) == [], 60,
+             "the secondary to catch up once the channel is back")
+    assert bed.fetch("during") == "written while the channel is down\n"
