@@ -1,14 +1,17 @@
 """The production provider: public addresses on an interface, gratuitous ARP, host name.
 
-Uses iproute2 (`ip addr add/del`), `arping -U` from iputils-arping when present, and
+Uses iproute2 (`ip addr add/del`), a gratuitous ARP of its own (`engine.identity.garp`), and
 `hostname`. The responder runs on the addresses once they are up.
 """
 from __future__ import annotations
 
 import asyncio
-import shutil
+import logging
 
 from engine.identity import IdentityProvider
+from engine.identity.garp import announce
+
+log = logging.getLogger("nf.identity")
 
 
 class LinuxIdentity(IdentityProvider):
@@ -23,9 +26,11 @@ class LinuxIdentity(IdentityProvider):
         for address in self.raw:
             cidr = address if "/" in address else f"{address}/32"
             await _run("ip", "addr", "replace", cidr, "dev", self.interface)
-        if shutil.which("arping"):
-            for host in self.addresses:
-                await _run("arping", "-U", "-c", "2", "-I", self.interface, host, check=False)
+        for host in self.addresses:
+            try:
+                await asyncio.to_thread(announce, self.interface, host)
+            except OSError as exc:  # the address is ours either way; neighbours learn it late
+                log.warning("gratuitous ARP for %s on %s failed: %s", host, self.interface, exc)
         if self.hostname:
             await _run("hostname", self.hostname)
         await self._serve(epoch)
