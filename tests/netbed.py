@@ -14,6 +14,7 @@ the machine's. Everything is removed again by `down`.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -82,7 +83,9 @@ class NetBed:
         ip("-n", self.ns["primary"], "link", "set", "ch0", "up")
 
     # -- cluster ----------------------------------------------------------------------
-    def create(self, extra: str = "") -> None:
+    def create(self, heartbeat: str = "") -> None:
+        """nf init for the testbed, an HTTP service as the protected application; `heartbeat`
+        holds extra [heartbeat] settings (TOML lines)."""
         plans = [NodePlan(name, f"{channel}:7780", addr, self.workdir / name, self.workdir / name / "state")
                  for name, (addr, channel) in NODES.items()]
         init_cluster(self.workdir, "bed", "app.bed.test", [f"{PUBLIC}/24"], plans, provider="linux")
@@ -98,7 +101,10 @@ stop = "kill $(cat {self.workdir}/$NF_NODE/http.pid)"
 monitor = "kill -0 $(cat {self.workdir}/$NF_NODE/http.pid)"
 monitor_interval = 0.5
 timeout = 10
-{extra}""")
+""")
+        if heartbeat:
+            text = self.config.read_text()
+            self.config.write_text(re.sub(r"(?m)^\[heartbeat\].*$", "[heartbeat]\n" + heartbeat, text))
         for name in NODES:
             (self.workdir / name / "srv" / "data").mkdir(parents=True, exist_ok=True)
 

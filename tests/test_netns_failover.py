@@ -76,7 +76,9 @@ def test_a_cut_channel_with_the_public_network_up_promotes_nobody_and_resyncs_on
     wait_for(lambda: (bed.data("secondary") / "before").exists(), 30, "replication before the cut")
     bed.cut_channel()
     (bed.data("primary") / "during").write_text("written while the channel is down\n")
-    timeout = 3.0  # the default failover timeout
+    from engine.config import load_cluster
+
+    timeout = load_cluster(bed.config).heartbeat.failover_timeout
     deadline = time.monotonic() + 3 * timeout
     while time.monotonic() < deadline:  # the secondary hears no heartbeat, but the active still answers
         assert bed.role("secondary") == "passive", "a passive promoted while the active was alive"

@@ -117,6 +117,12 @@ def test_passive_killed_mid_transfer_restarts_without_torn_or_lost_files(demo: D
 
 
 def test_active_killed_with_sigkill_loses_nothing_it_journaled(demo: Demo) -> None:
+    from nftui.demo import create
+
+    demo.workdir.mkdir(parents=True)
+    create(demo.workdir, 2)  # a restart, not a failover: the primary comes back before anyone promotes
+    demo.config.write_text(re.sub(r"(?m)^\[heartbeat\].*$", "[heartbeat]\nfailover_timeout = 60",
+                                  demo.config.read_text()))
     demo.up(nodes=2)
     d = demo.data("primary")
     for i in range(300):
