@@ -100,8 +100,9 @@ def level(bed: NetBed, active: str) -> bool:
         st = bed.status(active)
     except Exception:
         return False
+    head = next(n for n in st["nodes"] if n["id"] == active)["applied_seq"]
     return st["role"] == "active" and all(n["connected"] and not n.get("syncing") and n.get("send_queue_bytes", 0) == 0
-                                          for n in st["nodes"])
+                                          and n["applied_seq"] == head for n in st["nodes"])
 
 
 def wait(pred: Any, timeout: float) -> None:

@@ -460,6 +460,8 @@ class Agent:
         if link.hello.get("cluster") != self.cluster.name:
             self.event("warning", "peer_refused", f"refused {link.node}: cluster {link.hello.get('cluster')!r}")
             return
+        if link.sent_hello.get("role") != self._hello()["role"]:
+            return  # made while our role changed: the peer has our old role; closing makes it dial again
         self.event("info", "peer_connected", f"channel to {link.node} up ({link.hello.get('role')})")
         self.views[link.node] = {"role": link.hello.get("role"), "epoch": link.hello.get("epoch"), "seen": time.time()}
         peer_epoch = link.hello.get("epoch") or 0

@@ -33,7 +33,8 @@ class Link:
 
     def __init__(self, node: str, stream: FrameStream, epoch: Callable[[], int]) -> None:
         self.node = node
-        self.hello: dict[str, Any] = {}
+        self.hello: dict[str, Any] = {}       # what the peer said
+        self.sent_hello: dict[str, Any] = {}  # what we said: our role when the link was made
         self.stream = stream
         self.epoch = epoch
 
@@ -185,7 +186,8 @@ class Channel:
             raise ChannelAuthError(f"certificate names {node!r}, which is not a peer of this node")
         if expect is not None and node != expect:
             raise ChannelAuthError(f"dialled {expect} but the certificate names {node}")
-        await link.send("hello", self.hello())
+        link.sent_hello = self.hello()
+        await link.send("hello", link.sent_hello)
         msg = await asyncio.wait_for(link.recv(), HANDSHAKE_TIMEOUT)
         if msg.type != "hello":
             raise ProtocolError(f"expected hello, got {msg.type}")
