@@ -13,6 +13,9 @@ What is measured (root; network namespaces; keepalived from Debian, installed wh
 2. false failovers -- for `--saturate` seconds the active's CPUs are saturated (one busy process
    per CPU) while nf runs with its defaults; any role change counts.
 3. switchover -- nf's own reported unavailability and lost records for a planned switchover.
+4. failback -- after a failover, 1 % of a 200 MiB data set changes on the new active at once; the
+   old node comes back and is brought level (bytes the new active sent on the channel, against
+   bytes changed), then a switchover returns the service to it.
 
 The testbed is tests/netbed.py, the same one the failover tests use.
 """
@@ -22,6 +25,8 @@ import argparse
 import json
 import multiprocessing
 import os
+import random
+import re
 import shutil
 import signal
 import statistics
@@ -168,6 +173,70 @@ def nf_switchover(base: Path) -> dict[str, Any]:
         bed.down()
 
 
+def channel_sent(bed: NetBed, node: str) -> int:
+    """Bytes `node` sent on its channel link (the peer dials it: its end listens on port 7780)."""
+    text = subprocess.run(["ip", "netns", "exec", bed.ns[node], "ss", "-tinH", "state", "established",
+                           "sport", "= :7780"], capture_output=True, text=True, check=True).stdout
+    return sum(int(n) for n in re.findall(r"bytes_sent:(\d+)", text))
+
+
+def journal_settled(bed: NetBed, node: str, quiet: float = 1.0) -> None:
+    """Until `node`'s journal head has not moved for `quiet` seconds."""
+    head, since = None, time.monotonic()
+    while time.monotonic() - since < quiet:
+        now = next(n for n in bed.status(node)["nodes"] if n["id"] == node)["applied_seq"]
+        if now != head:
+            head, since = now, time.monotonic()
+        time.sleep(0.1)
+
+
+def nf_failback(base: Path, files: int = 20, mib: int = 10) -> dict[str, Any]:
+    """Fail over, change 1 % on the new active, bring the old node back once that is journaled, fail back.
+
+    Bytes sent to the returning node are counted on the new active's end of the channel (TLS,
+    framing and heartbeats included) until it is level, against the bytes that changed. A node
+    just promoted has no block hashes yet (its journal's baseline is metadata only), so the first
+    change to each file after a failover is journaled whole; a node returning while that is
+    still being streamed receives those whole files too (×17-28 here instead of about ×1.2).
+    """
+    bed = NetBed(base / "nf-failback")
+    bed.workdir.mkdir(parents=True)
+    bed.up()
+    rng = random.Random(7)
+    try:
+        bed.create()
+        bed.start("primary")
+        wait(lambda: bed.role("primary") == "active", 30)
+        bed.start("secondary")
+        for i in range(files):
+            (bed.data("primary") / f"d{i:02d}.bin").write_bytes(rng.randbytes(mib << 20))
+        wait(lambda: level(bed, "primary"), 120)
+        bed.crash("primary")
+        wait(lambda: bed.role("secondary") == "active", 30)
+        changed = 0
+        for i in range(files):  # 1 %: three 64 KiB writes at random offsets in every file
+            with open(bed.data("secondary") / f"d{i:02d}.bin", "r+b") as fh:
+                for _ in range(3):
+                    fh.seek(rng.randrange(0, (mib << 20) - (64 << 10)))
+                    fh.write(rng.randbytes(64 << 10))
+                    changed += 64 << 10
+        journal_settled(bed, "secondary")  # repairs take longer than journaling 200 MiB; see the docstring
+        revive(bed, "primary")
+        bed.start("primary")
+        wait(lambda: bed.role("primary") == "passive" and level(bed, "secondary"), 120)
+        resynced = channel_sent(bed, "secondary")
+        out = subprocess.run([sys.executable, "-m", "nftui", "switchover", "--config", str(bed.config), "--to",
+                              "primary", "--json"], capture_output=True, text=True, cwd=REPO)
+        if out.returncode:
+            raise RuntimeError(f"failback switchover failed: {out.stdout}{out.stderr}")
+        back = json.loads(out.stdout)
+        return {"dataset_bytes": files * (mib << 20), "changed_bytes": changed, "resynced_bytes": resynced,
+                "ratio": resynced / changed, "failback_unavailable_s": back["unavailable_seconds"],
+                "failback_lost_records": back["lost_records"]}
+    finally:
+        bed.down()
+
+
 # -- keepalived ----------------------------------------------------------------------------------
 def keepalived_trials(base: Path, trials: int) -> dict[str, Any]:
     if not shutil.which("keepalived"):
@@ -238,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "failover.json")
     ap.add_argument("--heartbeat", default="", help='nf [heartbeat] settings to try instead of the defaults, '
                     'e.g. "interval = 0.2\nfailover_timeout = 1.0"')
-    ap.add_argument("--only", default="nf,keepalived,switchover,saturated")
+    ap.add_argument("--only", default="nf,keepalived,switchover,failback,saturated")
     args = ap.parse_args(argv)
     parts = args.only.split(",")
     hb = args.heartbeat.replace("\\n", "\n")
@@ -256,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         if "switchover" in parts:
             log("nf: switchover")
             results["switchover"] = nf_switchover(base)
+        if "failback" in parts:
+            log("nf: failback after a 1 % change")
+            results["failback"] = nf_failback(base)
         if "saturated" in parts:
             log(f"nf: {args.saturate:.0f} s with the active's CPUs saturated")
             results["saturated"] = nf_saturated(base, args.saturate, hb)
@@ -263,10 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(base, ignore_errors=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-    if set(parts) != {"nf", "keepalived", "switchover", "saturated"}:
+    if set(parts) != {"nf", "keepalived", "switchover", "failback", "saturated"}:
         print(json.dumps(results, indent=2))
         return 0
-    n, k = results["nf"], results["keepalived"]
+    n, k, fb = results["nf"], results["keepalived"], results["failback"]
     print(f"| Measure | nf (defaults) | keepalived (advert_int 1) | Target |\n|---|---|---|---|\n"
           f"| Client downtime, {args.trials} trials | p50 {n['p50']:.2f} s / p99 {n['p99']:.2f} s | "
           f"p50 {k['p50']:.2f} s / p99 {k['p99']:.2f} s | nf p50 ≤ ½ keepalived p50 "
@@ -276,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{'✅' if results['saturated']['false_failovers'] == 0 else '❌'} |\n"
           f"| Switchover | unavailable {results['switchover']['unavailable_s']:.2f} s, "
           f"{results['switchover']['lost_records']} records lost | – | 0 lost "
-          f"{'✅' if results['switchover']['lost_records'] == 0 else '❌'} |")
+          f"{'✅' if results['switchover']['lost_records'] == 0 else '❌'} |\n"
+          f"| Failback after a 1 % change of {fb['dataset_bytes'] >> 20} MiB | sent "
+          f"{fb['resynced_bytes'] / (1 << 20):.1f} MiB for {fb['changed_bytes'] / (1 << 20):.1f} MiB changed "
+          f"(×{fb['ratio']:.2f}); switchover back {fb['failback_unavailable_s']:.2f} s, "
+          f"{fb['failback_lost_records']} lost | – | ∝ change, 0 lost |")
     return 0
 
 
