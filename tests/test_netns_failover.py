@@ -118,3 +118,34 @@ def test_switchover_there_and_back_loses_nothing_and_the_client_follows(bed: Net
     assert back["took_over"] and back["lost_records"] == 0, back
     assert _checksums(d) == _checksums(bed.data("secondary"))
     bed.wait_serving("written-on-secondary", "written while the secondary was active\n")
+
+
+def _holders(bed: NetBed) -> list[str]:
+    return [n for n in ("primary", "secondary")
+            if "10.77.0.50/" in subprocess.run(["ip", "-n", bed.ns[n], "-o", "addr", "show", "dev", "eth0"],
+                                               capture_output=True, text=True).stdout]
+
+
+def test_a_frozen_active_is_never_answered_beside_and_steps_down_when_it_wakes(bed: NetBed) -> None:
+    import signal
+
+    _running(bed)
+    (bed.data("primary") / "index.txt").write_text("one at a time\n")
+    bed.wait_serving("index.txt", "one at a time\n")
+    bed.kill("primary", signal.SIGSTOP)
+    try:
+        wait_for(lambda: bed.role("secondary") == "active", 30, "the secondary to promote past the timeout")
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # the frozen node's kernel still answers ARP: the new active waits
+            assert _holders(bed) == ["primary"], _holders(bed)
+            time.sleep(0.1)
+    finally:
+        bed.kill("primary", signal.SIGCONT)
+    seen = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and seen[-1:] != [["secondary"]]:
+        seen.append(_holders(bed))
+        assert len(seen[-1]) <= 1, f"two nodes held the public address at once: {seen[-1]}"
+    assert seen[-1] == ["secondary"], seen[-5:]
+    wait_for(lambda: bed.role("primary") == "passive", 30, "the woken active to step down")
+    bed.wait_serving("index.txt", "one at a time\n")

@@ -10,8 +10,9 @@ import fcntl
 import ipaddress
 import socket
 import struct
+import time
 
-__all__ = ["announce"]
+__all__ = ["announce", "answered_elsewhere"]
 
 _SIOCGIFHWADDR = 0x8927
 _ETH_P_ARP = 0x0806
@@ -28,6 +29,39 @@ def announce(interface: str, address: str, count: int = 2) -> None:
         for _ in range(count):
             for op in (1, 2):  # request, then reply: some stacks heed only one of them
                 sock.send(_frame(mac, ip.packed, op))
+
+
+def answered_elsewhere(interface: str, address: str, timeout: float = 0.1) -> bool:
+    """Whether another machine answers ARP for `address` (an RFC 5227 probe: sender address 0).
+
+    A node taking over the public address asks first: a frozen old holder's kernel still
+    answers ARP (and its applications still serve), so taking the address then would make two
+    machines answer on it. IPv6 addresses are not probed.
+    """
+    ip = ipaddress.ip_address(address)
+    if ip.version != 4:
+        return False
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ARP)) as sock:
+        sock.bind((interface, 0))
+        mac = _mac(sock, interface)
+        ethernet = b"\xff" * 6 + mac + struct.pack("!H", _ETH_P_ARP)
+        probe = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + b"\0" * 4 + b"\0" * 6 + ip.packed
+        sock.send(ethernet + probe)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                frame = sock.recv(128)
+            except socket.timeout:
+                return False
+            arp = frame[14:42]
+            if len(arp) < 28:
+                continue
+            op = struct.unpack("!H", arp[6:8])[0]
+            sender_mac, sender_ip = arp[8:14], arp[14:18]
+            if op == 2 and sender_ip == ip.packed and sender_mac != mac:
+                return True
+    return False
 
 
 def _mac(sock: socket.socket, interface: str) -> bytes:

@@ -9,7 +9,7 @@ import asyncio
 import logging
 
 from engine.identity import IdentityProvider
-from engine.identity.garp import announce
+from engine.identity.garp import announce, answered_elsewhere
 
 log = logging.getLogger("nf.identity")
 
@@ -23,6 +23,7 @@ class LinuxIdentity(IdentityProvider):
         self.hostname = hostname
 
     async def take(self, epoch: int) -> None:
+        await self._wait_until_released()
         for address in self.raw:
             cidr = address if "/" in address else f"{address}/32"
             await _run("ip", "addr", "replace", cidr, "dev", self.interface)
@@ -34,6 +35,19 @@ class LinuxIdentity(IdentityProvider):
         if self.hostname:
             await _run("hostname", self.hostname)
         await self._serve(epoch)
+
+    async def _wait_until_released(self) -> None:
+        """Never answer beside another holder: a frozen old active's kernel still answers ARP for
+        the address, so wait (as long as it takes) until nobody else does."""
+        waiting = False
+        while True:
+            busy = [a for a in self.addresses if await asyncio.to_thread(answered_elsewhere, self.interface, a)]
+            if not busy:
+                return
+            if not waiting:
+                log.warning("waiting: another machine still answers for %s", ", ".join(busy))
+                waiting = True
+            await asyncio.sleep(0.2)
 
     async def release(self) -> None:
         await self._stop_serving()
