@@ -259,6 +259,7 @@ class Agent:
         for node, p in self.progress.items():  # the latest acks, not only the last persisted ones
             self.state.db.execute("UPDATE peers SET acked_applied=MAX(acked_applied, ?) WHERE node=?",
                                   (p.acked_applied, node))
+
         def keep() -> Divergence | None:
             db = self.state.connect()
             try:
