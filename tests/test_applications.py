@@ -25,8 +25,10 @@ def test_applications_run_only_on_the_active_and_restart_when_their_monitor_fail
     wait_for(lambda: (w / "running-primary").exists(), 15, "web to run on the primary")
     assert not (w / "running-secondary").exists(), "applications never start on a passive"
     (w / "running-primary").unlink()  # the service dies behind our back
-    wait_for(lambda: (w / "starts-primary").read_text().count("start") == 2, 15, "one restart")
-    assert (w / "running-primary").exists()
+    # the start command logs "start" before it touches running-*: wait for both, not one then the other
+    wait_for(lambda: (w / "starts-primary").read_text().count("start") == 2 and (w / "running-primary").exists(),
+             15, "one restart, running again")
+    assert (w / "starts-primary").read_text().count("start") == 2
     assert not (w / "running-secondary").exists()
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import Demo, require, require_root, wait_for
 from engine.netprobe import Target, parse_target, probe_all
+from netbed import ip
 
 
 @pytest.mark.parametrize("text, target", [
@@ -73,17 +74,13 @@ def test_bad_probe_in_cluster_toml_names_the_field(tmp_path) -> None:
     assert "expected tcp:HOST:PORT or icmp:HOST" in str(err.value)
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
 @pytest.fixture
 def unreachable() -> Iterator[str]:
     """An address with an `unreachable` route: nothing answers it, whatever the machine's uplink does
     (a sandbox's default route may accept every TCP connection)."""
     require_root()
     address = "198.18.0.2"
-    _ip("route", "add", "unreachable", f"{address}/32")
+    ip("route", "add", "unreachable", f"{address}/32")
     try:
         yield address
     finally:
@@ -97,10 +94,10 @@ def test_an_active_cut_from_its_peers_and_the_public_network_demotes_itself(demo
     from nftui.demo import create
 
     gateway = "198.18.0.1"  # a stand-in gateway on a link the test controls
-    _ip("link", "add", "nfprobe0", "type", "veth", "peer", "name", "nfprobe1")
+    ip("link", "add", "nfprobe0", "type", "veth", "peer", "name", "nfprobe1")
     try:
-        _ip("addr", "add", f"{gateway}/32", "dev", "nfprobe0")
-        _ip("link", "set", "nfprobe0", "up")
+        ip("addr", "add", f"{gateway}/32", "dev", "nfprobe0")
+        ip("link", "set", "nfprobe0", "up")
         demo.workdir.mkdir(parents=True)
         create(demo.workdir, 2)
         demo.config.write_text(re.sub(r"(?m)^\[heartbeat\].*$", f'[heartbeat]\nprobes = ["tcp:{gateway}:9"]',
@@ -112,8 +109,8 @@ def test_an_active_cut_from_its_peers_and_the_public_network_demotes_itself(demo
                              in e["message"] for e in demo.events("primary")), 20,
                  "the active to hold on while the public network answers")
         assert demo.node_status("primary")["role"] == "active"
-        _ip("addr", "del", f"{gateway}/32", "dev", "nfprobe0")  # the public network goes away too
-        _ip("route", "add", "unreachable", f"{gateway}/32")
+        ip("addr", "del", f"{gateway}/32", "dev", "nfprobe0")  # the public network goes away too
+        ip("route", "add", "unreachable", f"{gateway}/32")
         wait_for(lambda: demo.node_status("primary")["role"] == "passive", 20, "the isolated active to demote")
         kinds = [e["kind"] for e in demo.events("primary")]
         assert "public_network_down" in kinds
