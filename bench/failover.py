@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from conftest import wait_for  # noqa: E402
 from netbed import NODES, PORT, PUBLIC, NetBed, ip  # noqa: E402
 
 
@@ -79,10 +80,10 @@ def nf_trials(base: Path, trials: int, heartbeat: str) -> dict[str, Any]:
     try:
         bed.create(heartbeat)
         bed.start("primary")
-        wait(lambda: bed.role("primary") == "active", 30)
+        wait_for(lambda: bed.role("primary") == "active", 30)
         bed.start("secondary")
         (bed.data("primary") / "index.txt").write_text("nf\n")
-        wait(lambda: bed.fetch("index.txt") == "nf\n" and level(bed, "primary"), 60)
+        wait_for(lambda: bed.fetch("index.txt") == "nf\n" and level(bed, "primary"), 60)
         downtimes = []
         active = "primary"
         for i in range(trials):
@@ -93,7 +94,7 @@ def nf_trials(base: Path, trials: int, heartbeat: str) -> dict[str, Any]:
             log(f"nf trial {i + 1}: {downtimes[-1]:.2f} s")
             revive(bed, active)
             bed.start(active)
-            wait(lambda a=active: bed.role(a) == "passive" and level(bed, passive), 60)
+            wait_for(lambda a=active: bed.role(a) == "passive" and level(bed, passive), 60)
             active = passive
         return {"downtime_s": downtimes, "p50": statistics.median(downtimes), "p99": percentile(downtimes, 0.99)}
     finally:
@@ -110,15 +111,6 @@ def level(bed: NetBed, active: str) -> bool:
                                           and n["applied_seq"] == head for n in st["nodes"])
 
 
-def wait(pred: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise TimeoutError("the testbed did not settle")
-
-
 def nf_saturated(base: Path, seconds: float, heartbeat: str) -> dict[str, Any]:
     bed = NetBed(base / "nf-cpu")
     bed.workdir.mkdir(parents=True)
@@ -127,9 +119,9 @@ def nf_saturated(base: Path, seconds: float, heartbeat: str) -> dict[str, Any]:
     try:
         bed.create(heartbeat)
         bed.start("primary")
-        wait(lambda: bed.role("primary") == "active", 30)
+        wait_for(lambda: bed.role("primary") == "active", 30)
         bed.start("secondary")
-        wait(lambda: level(bed, "primary"), 60)
+        wait_for(lambda: level(bed, "primary"), 60)
         burners = [multiprocessing.Process(target=_burn, daemon=True) for _ in range(os.cpu_count() or 1)]
         for b in burners:
             b.start()
@@ -160,11 +152,11 @@ def nf_switchover(base: Path) -> dict[str, Any]:
     try:
         bed.create()
         bed.start("primary")
-        wait(lambda: bed.role("primary") == "active", 30)
+        wait_for(lambda: bed.role("primary") == "active", 30)
         bed.start("secondary")
         for i in range(200):
             (bed.data("primary") / f"s{i:03d}").write_bytes(os.urandom(4096))
-        wait(lambda: level(bed, "primary"), 60)
+        wait_for(lambda: level(bed, "primary"), 60)
         out = subprocess.run([sys.executable, "-m", "nftui", "switchover", "--config", str(bed.config), "--json"],
                              capture_output=True, text=True, check=True, cwd=REPO)
         r = json.loads(out.stdout)
@@ -206,13 +198,13 @@ def nf_failback(base: Path, files: int = 20, mib: int = 10) -> dict[str, Any]:
     try:
         bed.create()
         bed.start("primary")
-        wait(lambda: bed.role("primary") == "active", 30)
+        wait_for(lambda: bed.role("primary") == "active", 30)
         bed.start("secondary")
         for i in range(files):
             (bed.data("primary") / f"d{i:02d}.bin").write_bytes(rng.randbytes(mib << 20))
-        wait(lambda: level(bed, "primary"), 120)
+        wait_for(lambda: level(bed, "primary"), 120)
         bed.crash("primary")
-        wait(lambda: bed.role("secondary") == "active", 30)
+        wait_for(lambda: bed.role("secondary") == "active", 30)
         changed = 0
         for i in range(files):  # 1 %: three 64 KiB writes at random offsets in every file
             with open(bed.data("secondary") / f"d{i:02d}.bin", "r+b") as fh:
@@ -223,7 +215,7 @@ def nf_failback(base: Path, files: int = 20, mib: int = 10) -> dict[str, Any]:
         journal_settled(bed, "secondary")  # repairs take longer than journaling 200 MiB; see the docstring
         revive(bed, "primary")
         bed.start("primary")
-        wait(lambda: bed.role("primary") == "passive" and level(bed, "secondary"), 120)
+        wait_for(lambda: bed.role("primary") == "passive" and level(bed, "secondary"), 120)
         resynced = channel_sent(bed, "secondary")
         out = subprocess.run([sys.executable, "-m", "nftui", "switchover", "--config", str(bed.config), "--to",
                               "primary", "--json"], capture_output=True, text=True, cwd=REPO)
@@ -276,7 +268,7 @@ vrrp_instance VI {{
     try:
         start("primary", 150)
         start("secondary", 100)
-        wait(lambda: bed.fetch("index.txt") == "ka\n", 60)
+        wait_for(lambda: bed.fetch("index.txt") == "ka\n", 60)
         downtimes = []
         for i in range(trials):
             # VRRP settles by adverts: let the backup hear several before the master dies, or the

@@ -111,7 +111,7 @@ class Journaler:
         tree = tree_of(path, self.trees)
         if tree is None:
             return 0
-        known = self._shipped_under(path)
+        known = shipped_under(self.db, path)
         only = None if path == tree.rel else path[len(tree.rel) + 1 :]
         seen: set[str] = set()
         count = 0
@@ -235,9 +235,6 @@ class Journaler:
 
     def _shipped(self, path: str) -> Entry | None:
         return shipped_entry(self.db, path)
-
-    def _shipped_under(self, path: str) -> dict[str, Entry]:
-        return shipped_under(self.db, path)
 
 
 
