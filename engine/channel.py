@@ -24,8 +24,12 @@ from engine.wire import FrameStream, handshake
 log = logging.getLogger("nf.channel")
 
 HANDSHAKE_TIMEOUT = 10.0
-#: A peer that comes back is dialled again within this long; a refused connect costs nothing.
-DIAL_RETRY_MAX = 0.5
+#: A peer that is not listening (yet) is dialled again this often: a refused connect costs
+#: nothing, and a passive that starts is reached in a twentieth of a second on average.
+DIAL_RETRY = 0.1
+#: A peer that answers but fails the handshake or hello (wrong CA, not a peer) backs off to
+#: this: retrying cannot fix it, and every attempt is a warning in the peer's log.
+DIAL_BACKOFF_MAX = 5.0
 
 
 class Link:
@@ -144,23 +148,28 @@ class Channel:
 
     # -- dial side --------------------------------------------------------------------
     async def _dial_forever(self, peer: str) -> None:
-        delay = 0.1
+        backoff = DIAL_RETRY
         host, port = self.peers[peer]
         loop = asyncio.get_running_loop()
         while True:
-            link: Link | None = None
             try:
                 sock = await loop.run_in_executor(self._pool, _connect, host, port)
+            except OSError as exc:  # not listening, or unreachable (the connect timed out)
+                log.debug("dial %s failed: %r", peer, exc)
+                await asyncio.sleep(DIAL_RETRY)
+                continue
+            link: Link | None = None
+            try:
                 link = await self._secure(sock, server_side=False)
                 await self._handshake(link, expect=peer)
             except (OSError, ssl.SSLError, TimeoutError, asyncio.TimeoutError, ProtocolError, ChannelAuthError) as exc:
-                log.debug("dial %s failed: %r", peer, exc)
+                log.debug("handshake with %s failed: %r", peer, exc)
                 if link is not None:
                     link.close()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, DIAL_RETRY_MAX)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, DIAL_BACKOFF_MAX)
                 continue
-            delay = 0.1
+            backoff = DIAL_RETRY
             await self._run(link)
 
     # -- common -----------------------------------------------------------------------

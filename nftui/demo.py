@@ -19,7 +19,6 @@ from typing import Any
 
 from engine import client
 from engine.errors import AgentUnreachable, NfError
-from engine.init import NodePlan, init_cluster
 
 NODE_IDS = ("primary", "secondary", "tertiary")
 START_TIMEOUT = 60.0
@@ -39,6 +38,9 @@ def subnet(workdir: Path) -> str:
 
 
 def create(workdir: Path, nodes: int) -> Path:
+    # Imported here: it loads cryptography, which every `nf` start (the agent's too) would pay for.
+    from engine.init import NodePlan, init_cluster
+
     net = subnet(workdir)
     plans = [
         NodePlan(id=node_id, channel=f"{net}.{10 + i}:7780", management=f"{net}.{10 + i}",
