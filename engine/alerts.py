@@ -90,7 +90,7 @@ def _email(cfg: "EmailAlerts", alert: dict[str, Any]) -> None:
                     f"at {time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(alert['ts']))}\n")
     with smtplib.SMTP(cfg.host, cfg.port, timeout=SEND_TIMEOUT, local_hostname=socket.gethostname()) as smtp:
         if cfg.starttls:
-            smtp.starttls(context=ssl.create_default_context())
+            smtp.starttls(context=ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None))
         if cfg.username and cfg.password_file:
             smtp.login(cfg.username, cfg.password_file.read_text().strip())
         smtp.send_message(msg)

@@ -129,6 +129,7 @@ class EmailAlerts:
     starttls: bool = False
     username: str = ""
     password_file: Path | None = None  # mode 0600; read when an alert is sent
+    ca_file: Path | None = None  # PEM bundle the server's STARTTLS certificate must chain to; else the system's
 
 
 @dataclass(frozen=True)
@@ -560,7 +561,7 @@ def _alerts(r: _Reader, base: Path) -> AlertSettings:
     email = webhook = None
     if "email" in r.data:
         e = r.table("email")
-        e.only("host", "port", "from", "to", "starttls", "username", "password_file")
+        e.only("host", "port", "from", "to", "starttls", "username", "password_file", "ca_file")
         email = EmailAlerts(
             e.text("host", "the SMTP server's host name or address"),
             e.integer("port", 25, lambda v: 0 < v < 65536, "a port 1..65535"),
@@ -569,6 +570,7 @@ def _alerts(r: _Reader, base: Path) -> AlertSettings:
             _flag(e, "starttls"),
             e.text("username", "a login name", default=""),
             _secret(e, "password_file", base),
+            _pem_file(e, "ca_file", base),
         )
         if not email.recipients:
             raise e.error("to", "at least one recipient address", [])
@@ -589,6 +591,16 @@ def _flag(r: _Reader, key: str) -> bool:
     if not isinstance(value, bool):
         raise r.error(key, "true or false", value)
     return value
+
+
+def _pem_file(r: _Reader, key: str, base: Path) -> Path | None:
+    value = r.text(key, "a path to a PEM file of CA certificates", default="")
+    if not value:
+        return None
+    path = _resolve(base, value)
+    if not path.is_file():
+        raise r.error(key, "a path to a PEM file of CA certificates (no such file)", value)
+    return path
 
 
 def _secret(r: _Reader, key: str, base: Path) -> Path | None:

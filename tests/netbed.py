@@ -21,6 +21,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from conftest import wait_for
 from engine.init import NodePlan, init_cluster
@@ -76,6 +77,15 @@ class NetBed:
                     pass
             ip("netns", "del", ns, check=False)
 
+    def isolate(self, node: str) -> None:
+        """Cut a node from everything (public network and channel); its processes keep running."""
+        for link in ("eth0", "ch0"):
+            ip("-n", self.ns[node], "link", "set", link, "down")
+
+    def rejoin(self, node: str) -> None:
+        for link in ("eth0", "ch0"):
+            ip("-n", self.ns[node], "link", "set", link, "up")
+
     def cut_channel(self) -> None:
         ip("-n", self.ns["primary"], "link", "set", "ch0", "down")
 
@@ -83,9 +93,12 @@ class NetBed:
         ip("-n", self.ns["primary"], "link", "set", "ch0", "up")
 
     # -- cluster ----------------------------------------------------------------------
-    def create(self, heartbeat: str = "") -> None:
+    def create(self, heartbeat: str = "", restarts: int = 3, extra: str = "") -> None:
         """nf init for the testbed, an HTTP service as the protected application; `heartbeat`
-        holds extra [heartbeat] settings (TOML lines)."""
+        holds extra [heartbeat] settings and `extra` more tables (TOML lines).
+
+        The service's monitor fails when its process is gone (a zombie counts as gone: who reaps
+        it differs between machines) or when a file `broken-NODE` exists in the workdir."""
         plans = [NodePlan(name, f"{channel}:7780", addr, self.workdir / name, self.workdir / name / "state")
                  for name, (addr, channel) in NODES.items()]
         init_cluster(self.workdir, "bed", "app.bed.test", [f"{PUBLIC}/24"], plans, provider="linux")
@@ -98,10 +111,11 @@ class NetBed:
 name = "web"
 start = "{serve}"
 stop = "kill $(cat {self.workdir}/$NF_NODE/http.pid)"
-monitor = "kill -0 $(cat {self.workdir}/$NF_NODE/http.pid)"
+monitor = "test ! -f {self.workdir}/broken-$NF_NODE && grep -q '^State:.*[RSD]' /proc/$(cat {self.workdir}/$NF_NODE/http.pid)/status"
 monitor_interval = 0.5
 timeout = 10
-""")
+restarts = {restarts}
+{extra}""")
         if heartbeat:
             text = self.config.read_text()
             self.config.write_text(re.sub(r"(?m)^\[heartbeat\].*$", "[heartbeat]\n" + heartbeat, text))
@@ -138,11 +152,17 @@ timeout = 10
         ip("-n", self.ns[node], "link", "set", "ch0", "down")
 
     def status(self, node: str) -> dict:
+        return self._request(node, "status")
+
+    def events(self, node: str, limit: int = 200) -> list[dict]:
+        return self._request(node, "events", limit=limit)
+
+    def _request(self, node: str, op: str, **args: object) -> Any:
         from engine.client import request
         from engine.config import load_cluster, load_node
 
         cfg = load_node(self.workdir / node / "node.toml", load_cluster(self.config))
-        return request(cfg.socket, "status", timeout=5)
+        return request(cfg.socket, op, timeout=5, **args)
 
     def role(self, node: str) -> str | None:
         try:

@@ -11,14 +11,16 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from conftest import nf, require, require_root, tree_diff, wait_for
-from netbed import NetBed
+from netbed import CLIENT, NetBed
 
 
 @pytest.fixture
@@ -38,13 +40,18 @@ def bed(tmp_path: Path) -> Iterator[NetBed]:
         b.down()
 
 
-def _running(bed: NetBed) -> None:
-    bed.create()
+def _running(bed: NetBed, **create: Any) -> None:
+    bed.create(**create)
     bed.start("primary")
     wait_for(lambda: bed.role("primary") == "active", 30, "the primary to be active")
     bed.start("secondary")
     wait_for(lambda: bed.role("secondary") == "passive" and all(n["connected"] for n in bed.status("primary")["nodes"]),
              30, "the secondary to follow the primary")
+    # level: a file written now has arrived and the initial sync is over, so the secondary may promote
+    (bed.data("primary") / "cluster-up").write_text("level\n")
+    wait_for(lambda: (bed.data("secondary") / "cluster-up").exists()
+             and not next(n for n in bed.status("primary")["nodes"] if n["id"] == "secondary").get("syncing", True),
+             30, "the secondary to be level")
 
 
 def test_the_active_node_dies_and_the_client_is_served_by_the_secondary(bed: NetBed) -> None:
@@ -139,6 +146,8 @@ def test_a_frozen_active_is_never_answered_beside_and_steps_down_when_it_wakes(b
         while time.monotonic() < deadline:  # the frozen node's kernel still answers ARP: the new active waits
             assert _holders(bed) == ["primary"], _holders(bed)
             time.sleep(0.1)
+        # a program on the frozen node's machine keeps writing: after the fork, so a divergence
+        (bed.data("primary") / "written-after-fork").write_text("only the old active has this\n")
     finally:
         bed.kill("primary", signal.SIGCONT)
     seen = []
@@ -149,3 +158,112 @@ def test_a_frozen_active_is_never_answered_beside_and_steps_down_when_it_wakes(b
     assert seen[-1] == ["secondary"], seen[-5:]
     wait_for(lambda: bed.role("primary") == "passive", 30, "the woken active to step down")
     bed.wait_serving("index.txt", "one at a time\n")
+    listed = json.loads(nf("divergence", "list", "--config", str(bed.config), "--json").stdout)
+    kept = next(n for n in listed["nodes"] if n["node"] == "primary")["divergences"]
+    assert len(kept) == 1, listed
+    shown = json.loads(nf("divergence", "show", "--config", str(bed.config), "--node", "primary",
+                          str(kept[0]["id"]), "--json").stdout)
+    entry = next(p for p in shown["paths"] if p["path"] == "srv/data/written-after-fork")
+    assert Path(entry["copy"]).read_text() == "only the old active has this\n"
+    wait_for(lambda: not (bed.data("primary") / "written-after-fork").exists(), 30,
+             "the old active to resync to the new active's tree")
+    assert not (bed.data("secondary") / "written-after-fork").exists()
+
+
+def test_an_active_cut_from_everything_isolates_itself_and_the_secondary_takes_over(bed: NetBed) -> None:
+    _running(bed, heartbeat=f'probes = ["icmp:{CLIENT}"]')  # the client stands in for the gateway
+    (bed.data("primary") / "index.txt").write_text("served through an isolation\n")
+    bed.wait_serving("index.txt", "served through an isolation\n")
+    wait_for(lambda: (bed.data("secondary") / "index.txt").exists(), 30, "replication before the cut")
+
+    bed.isolate("primary")
+    wait_for(lambda: bed.role("primary") == "passive", 30, "the cut-off active to demote itself")
+    assert any("self-isolation" in e["message"] for e in bed.events("primary"))
+    wait_for(lambda: bed.role("secondary") == "active", 30, "the secondary to promote")
+    bed.wait_serving("index.txt", "served through an isolation\n")
+    assert _holders(bed) == ["secondary"]
+
+    bed.rejoin("primary")
+    (bed.data("secondary") / "after").write_text("written on the new active\n")
+    wait_for(lambda: (bed.data("primary") / "after").exists(), 30, "the old active to follow the new one")
+    assert bed.role("primary") == "passive" and _holders(bed) == ["secondary"]
+
+
+def test_an_application_whose_monitor_fails_is_restarted_then_switched_over(bed: NetBed) -> None:
+    import signal
+
+    _running(bed, restarts=1)
+    (bed.data("primary") / "index.txt").write_text("web\n")
+    bed.wait_serving("index.txt", "web\n")
+    pid_file = bed.workdir / "primary" / "http.pid"
+    first = pid_file.read_text().strip()
+
+    os.kill(int(first), signal.SIGKILL)  # the service dies behind the agent's back
+    wait_for(lambda: pid_file.read_text().strip() not in ("", first), 20, "the primary to restart the service")
+    bed.wait_serving("index.txt", "web\n")
+    assert bed.role("secondary") == "passive" and _holders(bed) == ["primary"]
+    assert any("restart 1 of 1" in e["message"] for e in bed.events("primary"))
+
+    (bed.workdir / "broken-primary").touch()  # now it fails for good: restarts are used up
+    wait_for(lambda: bed.role("secondary") == "active", 30, "the switchover to the secondary")
+    bed.wait_serving("index.txt", "web\n")
+    assert _holders(bed) == ["secondary"]
+    assert bed.role("primary") == "passive"
+    assert any("still failing" in e["message"] for e in bed.events("primary"))
+
+
+def test_alerts_reach_smtp_over_starttls_with_login_and_a_webhook(bed: NetBed) -> None:
+    from engine.pki import make_ca, make_node_cert, write_public, write_secret
+
+    sink_dir = bed.workdir / "sink"
+    ca_cert, ca_key = make_ca("sink")
+    cert, key = make_node_cert(ca_cert, ca_key, "smtp", "sink", [CLIENT])
+    write_public(sink_dir / "ca.pem", ca_cert)
+    write_public(sink_dir / "cert.pem", cert)
+    write_secret(sink_dir / "key.pem", key)
+    write_secret(bed.workdir / "smtp.password", b"mail-pass-2f9c\n")
+    write_secret(bed.workdir / "webhook.token", b"hook-token-81ad\n")
+    out = sink_dir / "received.jsonl"
+    sink = subprocess.Popen(
+        ["ip", "netns", "exec", bed.ns["client"], sys.executable, str(Path(__file__).parent / "alert_sink.py"),
+         "--host", CLIENT, "--smtp-port", "2525", "--web-port", "8081", "--cert", str(sink_dir / "cert.pem"),
+         "--key", str(sink_dir / "key.pem"), "--user", "nf-alerts", "--password-file", str(bed.workdir / "smtp.password"),
+         "--out", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert sink.stdout is not None and sink.stdout.readline().strip() == "ready", "the alert sink did not start"
+        _running(bed, extra=f"""
+[alerts]
+[alerts.email]
+host = "{CLIENT}"
+port = 2525
+from = "nf@bed.test"
+to = ["ops@bed.test"]
+starttls = true
+username = "nf-alerts"
+password_file = "smtp.password"
+ca_file = "sink/ca.pem"
+[alerts.webhook]
+url = "http://{CLIENT}:8081/hook"
+token_file = "webhook.token"
+""")
+        bed.crash("primary")
+
+        def received() -> list[dict[str, Any]]:
+            return [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+
+        def promoted(r: dict[str, Any]) -> bool:
+            text = r["content"] if r["sink"] == "smtp" else json.dumps(r["body"])
+            return "role_changed" in text and "passive -> active" in text
+
+        wait_for(lambda: {r["sink"] for r in received() if promoted(r)} == {"smtp", "webhook"}, 30,
+                 "the promotion to be mailed and posted")
+        mail = next(r for r in received() if r["sink"] == "smtp" and promoted(r))
+        assert mail["tls"] and mail["user"] == "nf-alerts" and mail["rcpt_tos"] == ["ops@bed.test"]
+        assert "Subject: [nf bed] warning: role_changed on secondary" in mail["content"]
+        hook = next(r for r in received() if r["sink"] == "webhook" and promoted(r))
+        assert hook["auth"] == "Bearer hook-token-81ad" and hook["body"]["node"] == "secondary"
+        for log in bed.workdir.glob("*/agent.log"):
+            assert "mail-pass-2f9c" not in log.read_text() and "hook-token-81ad" not in log.read_text()
+    finally:
+        sink.kill()
+        sink.wait()
