@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from engine.blocks import data_extents
 from engine.errors import PathError, ProtocolError
+from engine.held import Held, StagedDigests
+from engine.manifest import Entry
 from engine.paths import STAGE_NAME, check_rel_path, makedirs_parent, open_dir, open_parent, tree_of
 
 if TYPE_CHECKING:
@@ -65,15 +67,22 @@ class _Stage:
     fd: int
     fresh: bool
     end: int = 0  # one past the last byte written: a fresh stage this long needs no truncate
+    digests: StagedDigests | None = None  # of the blocks written, when hashes are kept
+    base: Entry | None = None  # the target's kept hashes, when the stage started as its copy
 
 
 class Applier:
     """Applies records to the replica under `root`; used from one thread at a time."""
 
-    def __init__(self, root: Path, trees: Iterable["ProtectedTree"], *, stage_name: str = STAGE_NAME) -> None:
+    def __init__(self, root: Path, trees: Iterable["ProtectedTree"], *, stage_name: str = STAGE_NAME,
+                 held: Held | None = None, block_size: int = 0) -> None:
+        """With `held` (and the cluster's `block_size`), the block hashes of every file version
+        committed are kept there (see `engine.held`)."""
         self.root = Path(root)
         self.trees = tuple(trees)
         self.stage_name = stage_name
+        self.held = held if block_size > 0 else None
+        self.block_size = block_size
         self._stages: dict[int, _Stage] = {}
         self._stage_fds: dict[str, int] = {}  # tree rel -> its stage dir
         self._parents: dict[str, int] = {}    # dir rel -> fd, for one batch (see end_batch)
@@ -154,6 +163,8 @@ class Applier:
             stage = self._stages[gid] = self._new_stage(path, str(gid), fresh=fresh)
         _pwrite_all(stage.fd, data, offset)
         stage.end = max(stage.end, offset + len(data))
+        if stage.digests is not None:
+            stage.digests.add(offset, data)
         if len(data) >= WRITEBACK_BYTES:
             _start_writeback(stage.fd, offset, len(data))
         return False
@@ -175,6 +186,8 @@ class Applier:
             except BaseException:
                 _close_stage(stage, unlink=True)
                 raise
+            if stage.digests is not None:
+                stage.digests.add(0, data)
             stage.end = size
             self._commit(stage, size, mode, mtime_ns)
             return True
@@ -208,6 +221,8 @@ class Applier:
             os.utime(fd, ns=(mtime_ns, mtime_ns))
         finally:
             os.close(fd)
+        if self.held is not None and (kept := self.held.get(path)) is not None and kept.kind == "file":
+            self.held.forget(path)  # a directory replaced the file
         return True
 
     def _symlink(self, meta: dict[str, Any], data: bytes) -> bool:
@@ -233,6 +248,8 @@ class Applier:
             os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=parent, follow_symlinks=False)
         finally:
             os.close(parent)
+        if self.held is not None:
+            self.held.forget(path)
         return True
 
     def _delete(self, meta: dict[str, Any], data: bytes) -> bool:
@@ -245,6 +262,8 @@ class Applier:
             fd = self._stage_fds.pop(tree.rel, None)
             if fd is not None:
                 os.close(fd)
+        if self.held is not None:
+            self.held.forget(path)
         try:
             parent, name = open_parent(self.root, path, trusted=tree.rel)
         except FileNotFoundError:
@@ -287,6 +306,8 @@ class Applier:
                 os.close(dp)
         finally:
             os.close(sp)
+        if self.held is not None:
+            self.held.move(src, dst)
         return True
 
     def _attr(self, meta: dict[str, Any], data: bytes) -> bool:
@@ -321,6 +342,8 @@ class Applier:
             os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=parent, follow_symlinks=False)
         finally:
             os.close(parent)
+        if self.held is not None and stat.S_ISREG(st.st_mode):
+            self.held.retime(path, mode, mtime_ns)
         return True
 
     # -- staging ---------------------------------------------------------------------------
@@ -330,32 +353,43 @@ class Applier:
         sfd = self._stage_dir(tree)
         fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=sfd)
         stage = _Stage(path, tree.rel, sfd, name, fd, fresh)
+        if self.held is not None:
+            stage.digests = StagedDigests(self.block_size)
         try:
             if not fresh:
-                self._copy_target(stage)
+                copied = self._copy_target(stage)
+                if copied is None:
+                    stage.fresh = True  # nothing to copy: the stage is as empty as a fresh one
+                elif self.held is not None:
+                    kept = self.held.get(path)
+                    if kept is not None and kept.kind == "file" and (kept.size, kept.mtime_ns) == copied:
+                        stage.base = kept
         except BaseException:
             _close_stage(stage, unlink=True)
             raise
         return stage
 
-    def _copy_target(self, stage: _Stage) -> None:
-        """Copy the target into the stage if it is a regular file: clone, else data extents."""
+    def _copy_target(self, stage: _Stage) -> tuple[int, int] | None:
+        """Copy the target into the stage if it is a regular file: clone, else data extents.
+        Returns the (size, mtime_ns) copied, or None when there was no regular file to copy."""
         try:
             parent, name = open_parent(self.root, stage.path, trusted=stage.trusted)
         except FileNotFoundError:
-            return
+            return None
         try:
             src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENXIO, errno.EISDIR):
-                return  # missing, a symlink or a socket: the new version starts empty
+                return None  # missing, a symlink or a socket: the new version starts empty
             raise
         finally:
             os.close(parent)
         try:
             st = os.fstat(src)
-            if stat.S_ISREG(st.st_mode):
-                _clone(src, stage.fd, st.st_size)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            _clone(src, stage.fd, st.st_size)
+            return st.st_size, st.st_mtime_ns
         finally:
             os.close(src)
 
@@ -377,10 +411,23 @@ class Applier:
                 parent, name = self._parent(stage.path, stage.trusted)
                 _remove_dir_at(parent, name)
                 os.rename(stage.name, name, src_dir_fd=stage.dir_fd, dst_dir_fd=parent)
+                if self.held is not None:
+                    self.held.forget(stage.path)
         except BaseException:
             _close_stage(stage, unlink=True)
             raise
-        _close_stage(stage, unlink=False)
+        try:
+            self._keep_hashes(stage, size, mode, mtime_ns)
+        finally:
+            _close_stage(stage, unlink=False)
+
+    def _keep_hashes(self, stage: _Stage, size: int, mode: int, mtime_ns: int) -> None:
+        if self.held is None or stage.digests is None:
+            return
+        bs = self.block_size
+        hashes = stage.digests.final(size, fresh=stage.fresh, base=stage.base,
+                                     read_block=lambda i: os.pread(stage.fd, bs, i * bs))
+        self.held.put(Entry(stage.path, "file", mode, size, mtime_ns, None, hashes))
 
     def _update_in_place(self, path: str, size: int, mode: int, mtime_ns: int) -> bool:
         """Set size, mode and mtime of an existing regular file; False if there is none."""
@@ -410,6 +457,11 @@ class Applier:
             os.utime(fd, ns=(mtime_ns, mtime_ns))
         finally:
             os.close(fd)
+        if self.held is not None:
+            if st.st_size == size:
+                self.held.retime(path, mode, mtime_ns)
+            else:
+                self.held.forget(path)  # truncated in place: its last block is unknown
         return True
 
     def _parent(self, path: str, trusted: str) -> tuple[int, str]:

@@ -29,6 +29,15 @@ if TYPE_CHECKING:
 Record = tuple[str, dict[str, Any], bytes]
 
 GROUP_BYTES = 16 << 20
+
+#: A walked entry replaces its row; a file's hashes survive only if it is the same version.
+_REBASE = """
+INSERT INTO shipped(path, kind, mode, size, mtime_ns, target, hashes) VALUES(?,?,?,?,?,?,NULL)
+ON CONFLICT(path) DO UPDATE SET kind=excluded.kind, mode=excluded.mode, size=excluded.size,
+    mtime_ns=excluded.mtime_ns, target=excluded.target,
+    hashes=CASE WHEN shipped.kind = 'file' AND excluded.kind = 'file' AND shipped.size = excluded.size
+                AND shipped.mtime_ns = excluded.mtime_ns THEN shipped.hashes END
+"""
 GROUP_SECONDS = 0.2  # a group never holds the database's write lock for longer
 
 
@@ -84,26 +93,32 @@ class Journaler:
         as well would only write it twice. Only metadata is recorded, which takes a directory
         walk rather than a read of every byte: block hashes are filled in later by whatever
         reads the file anyway (the sync that ships it, a rescan), see `fill_hashes`. Until
-        then a changed file is shipped whole.
+        then a changed file is shipped whole, except where the table already holds hashes for
+        the same size and mtime: a promoted passive kept them for what it applied (`engine.held`).
         """
         # Short transactions: the agent's loop writes events to the same database.
-        self.db.execute("DELETE FROM shipped")
+        db = self.db
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS baseline_seen(path TEXT PRIMARY KEY)")
+        db.execute("DELETE FROM baseline_seen")
         n = 0
-        self.db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")
         opened = time.monotonic()
         try:
             for tree in self.trees:
-                for entry in scan_tree(self.root, tree, block_size=self.block_size, with_hashes=False):
-                    self._ship(entry)
+                for e in scan_tree(self.root, tree, block_size=self.block_size, with_hashes=False):
+                    db.execute(_REBASE, (e.path, e.kind, e.mode, e.size, e.mtime_ns, e.target))
+                    db.execute("INSERT OR IGNORE INTO baseline_seen(path) VALUES(?)", (e.path,))
                     n += 1
                     if n % 256 == 0 and time.monotonic() - opened > GROUP_SECONDS:
-                        self.db.execute("COMMIT")
-                        self.db.execute("BEGIN IMMEDIATE")
+                        db.execute("COMMIT")
+                        db.execute("BEGIN IMMEDIATE")
                         opened = time.monotonic()
+            db.execute("DELETE FROM shipped WHERE path NOT IN (SELECT path FROM baseline_seen)")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
+        db.execute("COMMIT")
+        db.execute("DELETE FROM baseline_seen")
         return n
 
     def rescan(self, path: str) -> int:
@@ -184,17 +199,11 @@ class Journaler:
             os.close(fd)
 
     def _delete(self, path: str) -> Iterator[Record]:
-        self.db.execute("DELETE FROM shipped WHERE path = ? OR path LIKE ? ESCAPE '\\'", (path, _under(path)))
+        forget_shipped(self.db, path)
         yield "delete", {"path": path}, b""
 
     def _move(self, src: str, dst: str) -> Iterator[Record]:
-        db = self.db
-        db.execute("DELETE FROM shipped WHERE path = ? OR path LIKE ? ESCAPE '\\'", (dst, _under(dst)))
-        db.execute("UPDATE shipped SET path = ? WHERE path = ?", (dst, src))
-        db.execute(
-            "UPDATE shipped SET path = ? || substr(path, ?) WHERE path LIKE ? ESCAPE '\\'",
-            (dst, len(src) + 1, _under(src)),
-        )
+        move_shipped(self.db, src, dst)
         yield "rename", {"path": src, "dst": dst}, b""
 
     # -- storage ----------------------------------------------------------------------
@@ -228,10 +237,7 @@ class Journaler:
         return (int(row[0]) if row else 0) + 1
 
     def _ship(self, e: Entry) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO shipped(path, kind, mode, size, mtime_ns, target, hashes) VALUES(?,?,?,?,?,?,?)",
-            (e.path, e.kind, e.mode, e.size, e.mtime_ns, e.target, e.hashes),
-        )
+        put_shipped(self.db, e)
 
     def _shipped(self, path: str) -> Entry | None:
         return shipped_entry(self.db, path)
@@ -244,6 +250,26 @@ def shipped_entry(db: sqlite3.Connection, path: str) -> Entry | None:
         "SELECT path, kind, mode, size, mtime_ns, target, hashes FROM shipped WHERE path = ?", (path,)
     ).fetchone()
     return _entry(row) if row else None
+
+
+def put_shipped(db: sqlite3.Connection, e: Entry) -> None:
+    db.execute(
+        "INSERT OR REPLACE INTO shipped(path, kind, mode, size, mtime_ns, target, hashes) VALUES(?,?,?,?,?,?,?)",
+        (e.path, e.kind, e.mode, e.size, e.mtime_ns, e.target, e.hashes),
+    )
+
+
+def forget_shipped(db: sqlite3.Connection, path: str) -> None:
+    """`path` and everything below it."""
+    db.execute("DELETE FROM shipped WHERE path = ? OR path LIKE ? ESCAPE '\\'", (path, _under(path)))
+
+
+def move_shipped(db: sqlite3.Connection, src: str, dst: str) -> None:
+    """`src` and everything below it now live at `dst`, replacing what was there."""
+    forget_shipped(db, dst)
+    db.execute("UPDATE shipped SET path = ? WHERE path = ?", (dst, src))
+    db.execute("UPDATE shipped SET path = ? || substr(path, ?) WHERE path LIKE ? ESCAPE '\\'",
+               (dst, len(src) + 1, _under(src)))
 
 
 def shipped_under(db: sqlite3.Connection, path: str) -> dict[str, Entry]:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from engine.apply import Applier
 from engine.channel import Link
 from engine.errors import NfError, PathError, ProtocolError
+from engine.held import Held
 from engine.journaler import fill_hashes, shipped_entry, shipped_under
 from engine.manifest import Entry, scan_tree
 from engine.paths import check_rel_path, tree_of
@@ -285,7 +286,8 @@ class Receiver:
         self.on_event = on_event
         self.db = state.connect()
         self.apply_db = state.connect()
-        self.applier = Applier(node.root, cluster.protected)
+        self.held = Held(self.apply_db)
+        self.applier = Applier(node.root, cluster.protected, held=self.held, block_size=cluster.replication.block_size)
         self.applier.discard_stages()
         self.queued = asyncio.Event()
         self.applied_event = asyncio.Event()
@@ -374,6 +376,7 @@ class Receiver:
                     log.error("%s", self.last_error)
         finally:
             self.applier.end_batch()
+            self.held.flush()
 
     def _refused(self, op: str, seq: int | None, exc: Exception) -> None:
         self.last_error = str(exc)
@@ -431,6 +434,7 @@ class Receiver:
             return True  # a unit still in progress, or a retry after an I/O error
         _syncfs(self.node.root)
         db.execute("BEGIN IMMEDIATE")
+        self.held.flush()
         db.execute("DELETE FROM recvq WHERE id <= ?", (done_id,))
         values = [("applied_seq", str(done_seq))]
         if journal_id is not None:
