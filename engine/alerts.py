@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import smtplib
 import socket
 import ssl
-import syslog
 import time
 import urllib.request
 from email.message import EmailMessage
@@ -74,9 +74,7 @@ class Alerter:
                 assert self.settings.webhook is not None
                 _webhook(self.settings.webhook, alert)
             else:
-                priority = syslog.LOG_ERR if alert["level"] == "error" else syslog.LOG_WARNING
-                syslog.openlog("nf", syslog.LOG_PID, syslog.LOG_DAEMON)
-                syslog.syslog(priority, f"{alert['cluster']}/{alert['node']} {alert['kind']}: {alert['message']}")
+                _syslog(self.settings.syslog, alert)
         except (OSError, smtplib.SMTPException, ValueError) as exc:
             log.warning("alert to %s failed: %s", sink, type(exc).__name__ if "password" in str(exc).lower() else exc)
 
@@ -94,6 +92,23 @@ def _email(cfg: "EmailAlerts", alert: dict[str, Any]) -> None:
         if cfg.username and cfg.password_file:
             smtp.login(cfg.username, cfg.password_file.read_text().strip())
         smtp.send_message(msg)
+
+
+def _syslog(address: str, alert: dict[str, Any]) -> None:
+    """One RFC 3164 datagram, facility daemon, to a Unix socket (/dev/log) or HOST:PORT over UDP."""
+    severity = 3 if alert["level"] == "error" else 4  # err, warning
+    text = (f"<{(3 << 3) | severity}>nf[{os.getpid()}]: {alert['cluster']}/{alert['node']} "
+            f"{alert['kind']}: {alert['message']}")
+    if address.startswith("/"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.settimeout(SEND_TIMEOUT)
+            s.sendto(text.encode(), address)
+        return
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.sendto(text.encode()[:2048], (host, int(port)))
 
 
 def _webhook(cfg: "WebhookAlerts", alert: dict[str, Any]) -> None:

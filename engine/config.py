@@ -143,7 +143,9 @@ class AlertSettings:
     rate_limit: float = 60.0  # seconds between two alerts of one kind on one sink
     email: EmailAlerts | None = None
     webhook: WebhookAlerts | None = None
-    syslog: bool = False
+    #: Where syslog alerts go: "" for none, "/dev/log" (what `syslog = true` means), another
+    #: Unix socket path, or "HOST:PORT" of a remote syslog server over UDP.
+    syslog: str = ""
 
 
 @dataclass(frozen=True)
@@ -581,9 +583,19 @@ def _alerts(r: _Reader, base: Path) -> AlertSettings:
         webhook = WebhookAlerts(w.text("url", "an http:// or https:// URL", pattern=r"https?://\S+"),
                                 _secret(w, "token_file", base))
         w.done()
-    syslog = _flag(r, "syslog")
+    syslog = _syslog(r)
     r.done()
     return AlertSettings(rate, email, webhook, syslog)
+
+
+def _syslog(r: _Reader) -> str:
+    expected = 'true (the local /dev/log), a Unix socket path, or "HOST:PORT" of a syslog server (UDP)'
+    value = r.raw("syslog", False)
+    if isinstance(value, bool):
+        return "/dev/log" if value else ""
+    if isinstance(value, str) and (value.startswith("/") or re.fullmatch(r"[\w.:\[\]-]+:\d{1,5}", value)):
+        return value
+    raise r.error("syslog", expected, value)
 
 
 def _flag(r: _Reader, key: str) -> bool:

@@ -89,3 +89,48 @@ def test_a_secret_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_cluster(tmp_path / "cluster.toml")
     assert "alerts.webhook.token_file" in str(err.value) and "0600" in str(err.value)
+
+
+def test_each_sink_sends_a_kind_of_event_at_most_once_per_rate_limit(tmp_path: Path) -> None:
+    import asyncio
+
+    from engine.alerts import Alerter
+    from engine.config import AlertSettings, WebhookAlerts
+
+    web, received = _webhook_server()
+    log_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    log_sock.bind(str(tmp_path / "log"))
+    log_sock.settimeout(5)
+    try:
+        settings = AlertSettings(rate_limit=60, webhook=WebhookAlerts(f"http://127.0.0.1:{web.server_port}/hook"),
+                                 syslog=str(tmp_path / "log"))
+
+        async def burst() -> None:
+            alerter = Alerter(settings, "demo", "primary")
+            for _ in range(3):
+                alerter.submit("warning", "peer_lost", "channel to secondary silent")
+            alerter.submit("error", "role_changed", "primary: active -> passive")
+            alerter.submit("info", "peer_connected", "not an alert: info level")
+            await alerter.drain()
+
+        asyncio.run(burst())
+        assert sorted(m["body"]["kind"] for m in received) == ["peer_lost", "role_changed"]
+        lines = sorted(log_sock.recv(4096).decode() for _ in range(2))
+        assert lines[0].startswith("<27>nf[") and "demo/primary role_changed: primary: active -> passive" in lines[0]
+        assert lines[1].startswith("<28>nf[") and "demo/primary peer_lost: channel to secondary silent" in lines[1]
+        log_sock.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            log_sock.recv(4096)  # nothing more: the two repeats were held back
+    finally:
+        web.shutdown()
+        log_sock.close()
+
+
+@pytest.mark.parametrize("value", ['"syslog.example:notaport"', '"relative/path"', "3"])
+def test_a_bad_syslog_destination_names_the_field(tmp_path: Path, value: str) -> None:
+    create(tmp_path, 2)
+    with open(tmp_path / "cluster.toml", "a") as f:
+        f.write(f"\n[alerts]\nsyslog = {value}\n")
+    with pytest.raises(ConfigError) as err:
+        load_cluster(tmp_path / "cluster.toml")
+    assert "alerts.syslog" in str(err.value) and "HOST:PORT" in str(err.value)
