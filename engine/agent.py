@@ -263,7 +263,7 @@ class Agent:
         def keep() -> Divergence | None:
             db = self.state.connect()
             try:
-                return keep_divergence(db, self.node.root, self.node.state_dir, epoch)
+                return keep_divergence(db, self.node.root, self.cluster.protected, self.node.state_dir, epoch)
             finally:
                 db.close()
 

@@ -17,9 +17,14 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-from engine.errors import NfError
+from engine.errors import NfError, PathError
+from engine.paths import open_parent, tree_of
+
+if TYPE_CHECKING:
+    from engine.config import ProtectedTree
 
 __all__ = ["Divergence", "keep_divergence", "list_divergences", "show_divergence"]
 
@@ -38,7 +43,8 @@ class Divergence:
                 "paths": len(self.paths), "directory": str(self.directory)}
 
 
-def keep_divergence(db: sqlite3.Connection, root: Path, state_dir: Path, epoch: int) -> Divergence | None:
+def keep_divergence(db: sqlite3.Connection, root: Path, trees: Iterable["ProtectedTree"], state_dir: Path,
+                    epoch: int) -> Divergence | None:
     """Copy aside every path journaled after the fork; None when there is nothing to keep.
 
     The fork is the highest position any peer acknowledged as applied: records past it may be
@@ -57,7 +63,8 @@ def keep_divergence(db: sqlite3.Connection, root: Path, state_dir: Path, epoch: 
     cur = db.execute("INSERT INTO divergences(ts, epoch, fork_seq, paths) VALUES(?,?,?,?)", (ts, epoch, fork, "[]"))
     div_id = int(cur.lastrowid or 0)
     directory = state_dir / "divergences" / str(div_id)
-    entries = [_keep(root, p, directory) for p in sorted(paths)]
+    trees = tuple(trees)
+    entries = [_keep(root, p, trees, directory) for p in sorted(paths)]
     db.execute("UPDATE divergences SET paths=? WHERE id=?", (json.dumps(entries), div_id))
     return Divergence(div_id, ts, epoch, fork, directory, entries)
 
@@ -80,20 +87,38 @@ def _from_row(row: tuple[Any, ...], state_dir: Path) -> Divergence:
     return Divergence(div_id, ts, epoch, fork, state_dir / "divergences" / str(div_id), json.loads(paths))
 
 
-def _keep(root: Path, path: str, directory: Path) -> dict[str, Any]:
-    """Copy one path's current version (never following a symlink) and describe it."""
-    src = root / path
+def _keep(root: Path, path: str, trees: tuple["ProtectedTree", ...], directory: Path) -> dict[str, Any]:
+    """Copy one path's current version and describe it.
+
+    The path is walked from its tree without following a symlink in any component, as apply
+    does: a symlinked directory in the replica must not make us copy a file from outside it.
+    """
+    tree = tree_of(path, trees)
     try:
-        st = os.lstat(src)
+        parent, name = open_parent(root, path, trusted=tree.rel if tree else "")
     except FileNotFoundError:
         return {"path": path, "kind": "missing"}
-    if stat.S_ISLNK(st.st_mode):
-        return {"path": path, "kind": "symlink", "target": os.readlink(src)}
-    if stat.S_ISDIR(st.st_mode):
-        return {"path": path, "kind": "dir"}
-    if not stat.S_ISREG(st.st_mode):
-        return {"path": path, "kind": "other"}
+    except PathError:
+        return {"path": path, "kind": "other", "note": "below a symlink: not followed"}
+    try:
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return {"path": path, "kind": "missing"}
+        if stat.S_ISLNK(st.st_mode):
+            return {"path": path, "kind": "symlink", "target": os.readlink(name, dir_fd=parent)}
+        if stat.S_ISDIR(st.st_mode):
+            return {"path": path, "kind": "dir"}
+        if not stat.S_ISREG(st.st_mode):
+            return {"path": path, "kind": "other"}
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
+    finally:
+        os.close(parent)
     dst = directory / path
     dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    shutil.copy2(src, dst, follow_symlinks=False)
+    with os.fdopen(fd, "rb") as src, open(dst, "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+        st = os.fstat(src.fileno())
+    os.chmod(dst, stat.S_IMODE(st.st_mode))
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
     return {"path": path, "kind": "file", "size": st.st_size, "copy": str(dst)}
