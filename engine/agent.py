@@ -234,7 +234,11 @@ class Agent:
             await self._keep_divergence(epoch)
         values: dict[str, object] = {"role": role, "epoch": epoch}
         if role == "active":
-            values.update(journal_id=uuid.uuid4().hex, needs_baseline=1)
+            # Where this term forks from the last one: the old active's records up to here are
+            # on this timeline, any after it are not (what it keeps as a divergence if it returns).
+            values.update(journal_id=uuid.uuid4().hex, needs_baseline=1,
+                          forked_journal=self.state.get("source_journal_id") or "",
+                          forked_seq=self.state.get_int("applied_seq"))
             with self.state.db:  # positions of an earlier term refer to another journal
                 self.state.db.execute("BEGIN IMMEDIATE")
                 self.state.db.execute("DELETE FROM peers")
@@ -259,11 +263,18 @@ class Agent:
         for node, p in self.progress.items():  # the latest acks, not only the last persisted ones
             self.state.db.execute("UPDATE peers SET acked_applied=MAX(acked_applied, ?) WHERE node=?",
                                   (p.acked_applied, node))
+        # The new active says exactly where it forked from our journal; acks persisted before a
+        # crash may be older than what it had applied, and would keep writes it already has.
+        mine = self.state.get("journal_id")
+        fork = next((int(v["forked_seq"]) for v in self.views.values()
+                     if v.get("role") == "active" and int(v.get("epoch") or 0) == epoch
+                     and mine and v.get("forked_journal") == mine and isinstance(v.get("forked_seq"), int)), None)
 
         def keep() -> Divergence | None:
             db = self.state.connect()
             try:
-                return keep_divergence(db, self.node.root, self.cluster.protected, self.node.state_dir, epoch)
+                return keep_divergence(db, self.node.root, self.cluster.protected, self.node.state_dir, epoch,
+                                       fork=fork)
             finally:
                 db.close()
 
@@ -448,6 +459,7 @@ class Agent:
         if self.role == "active":
             fields["journal_id"] = self.state.get("journal_id")
             fields["journal_seq"] = self.state.journal_head()
+            fields.update(self._fork_fields())
         else:
             fields["journal_id"] = self.state.get("source_journal_id")
             fields["applied_seq"] = self.state.get_int("applied_seq")
@@ -464,7 +476,8 @@ class Agent:
         if link.sent_hello.get("role") != self._hello()["role"]:
             return  # made while our role changed: the peer has our old role; closing makes it dial again
         self.event("info", "peer_connected", f"channel to {link.node} up ({link.hello.get('role')})")
-        self.views[link.node] = {"role": link.hello.get("role"), "epoch": link.hello.get("epoch"), "seen": time.time()}
+        self.views[link.node] = {"role": link.hello.get("role"), "epoch": link.hello.get("epoch"), "seen": time.time(),
+                                 **{k: link.hello[k] for k in ("forked_journal", "forked_seq") if k in link.hello}}
         peer_epoch = link.hello.get("epoch") or 0
         if peer_epoch > self.epoch:
             if self.role == "passive":  # learn the fencing token at once, before any message is judged
@@ -592,6 +605,9 @@ class Agent:
                 self.ha_wake.set()
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
+    def _fork_fields(self) -> dict[str, Any]:
+        return {"forked_journal": self.state.get("forked_journal") or "", "forked_seq": self.state.get_int("forked_seq")}
+
     def _heartbeat_fields(self) -> dict[str, Any]:
         me = self._self_view()
         return {k: v for k, v in me.items() if k not in ("id", "connected", "epoch")}
@@ -643,6 +659,7 @@ class Agent:
                                 "last_error": self.last_error, "links": sorted(self.channel.links)}
         if self.role == "active":
             view["journal_seq"] = self.state.journal_head()
+            view.update(self._fork_fields())
             view["applied_seq"] = view["journal_seq"]
             view["receive_queue_records"] = view["receive_queue_bytes"] = 0
             now = time.time()

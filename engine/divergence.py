@@ -44,14 +44,16 @@ class Divergence:
 
 
 def keep_divergence(db: sqlite3.Connection, root: Path, trees: Iterable["ProtectedTree"], state_dir: Path,
-                    epoch: int) -> Divergence | None:
+                    epoch: int, fork: int | None = None) -> Divergence | None:
     """Copy aside every path journaled after the fork; None when there is nothing to keep.
 
-    The fork is the highest position any peer acknowledged as applied: records past it may be
-    missing on the new active. Paths spilled to a dirty list (their records were dropped while a
-    peer was away) count as well.
+    The fork is what the new active reports it had applied of our journal when it was promoted;
+    without that, the highest position any peer acknowledged as applied (records past it may be
+    missing on the new active). Paths spilled to a dirty list (their records were dropped while
+    a peer was away) count as well.
     """
-    fork = db.execute("SELECT COALESCE(MAX(acked_applied), 0) FROM peers").fetchone()[0]
+    if fork is None:
+        fork = db.execute("SELECT COALESCE(MAX(acked_applied), 0) FROM peers").fetchone()[0]
     paths: set[str] = set()
     for (meta,) in db.execute("SELECT meta FROM journal WHERE seq > ?", (fork,)):
         m = json.loads(meta)

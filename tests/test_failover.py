@@ -126,3 +126,19 @@ def test_a_paused_active_steps_down_when_it_resumes_and_never_answers_beside_the
     assert not (demo.data("secondary") / "written-after-fork").exists()
     missing = nf("divergence", "show", "--config", str(demo.config), "--node", "primary", "99", check=False)
     assert missing.returncode == 1 and "no divergence 99" in missing.stdout + missing.stderr
+
+
+def test_an_active_killed_right_after_its_writes_were_applied_keeps_no_divergence_when_it_returns(demo: Demo) -> None:
+    """What the new active had applied is not a divergence, even if the old active died before it
+    persisted the acks: the new active says where it forked from the old journal."""
+    demo.up(nodes=2)
+    for i in range(30):
+        (demo.data("primary") / f"f{i:02d}").write_text(f"acked {i}\n")
+    demo.wait_equal(30, nodes=("secondary",))
+    demo.kill("primary")  # within a second of the last ack: the persisted acks may lag behind
+    wait_for(lambda: demo.node_status("secondary")["role"] == "active", 30, "the secondary to promote")
+    demo.start("primary")
+    wait_for(lambda: demo.node_status("primary")["role"] == "passive", 30, "the old active to step down")
+    assert any("stepping down" in e["message"] for e in demo.events("primary"))
+    listed = json.loads(nf("divergence", "list", "--config", str(demo.config), "--json").stdout)
+    assert next(n for n in listed["nodes"] if n["node"] == "primary")["divergences"] == [], listed
