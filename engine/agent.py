@@ -25,6 +25,7 @@ from engine.applications import Applications
 from engine.capture import Change, Coalescer, Watcher
 from engine.channel import Channel, Link
 from engine.config import ClusterConfig, NodeConfig, load_cluster, load_node
+from engine.cozen.manager import Cozen
 from engine.divergence import Divergence, keep_divergence, list_divergences, show_divergence
 from engine.errors import ApiError, ConfigError, NfError, ProtocolError
 from engine.ha import Decision, PeerView, Snapshot, decide
@@ -90,6 +91,7 @@ class Agent:
         self.alerter = Alerter(cluster.alerts, cluster.name, node.id)
         self.apps = Applications(cluster.applications, cluster.name, node.id, self.event)
         self.identity = provider_for(cluster.public.provider, cluster.name, node.id, cluster.public.addresses)
+        self.cozen = Cozen(cluster, node.id, set_hostname=cluster.public.provider == "linux")
         peers = {n.id: (n.channel_host, n.channel_port) for n in cluster.nodes if n.id != node.id}
         me = cluster.node(node.id)
         self.channel = Channel(
@@ -103,6 +105,7 @@ class Agent:
             "events": self._api_events, "rescan": self._api_rescan, "why": self._api_why,
             "failover": self._api_failover, "switchover": self._api_switchover,
             "divergences": self._api_divergences, "divergence": self._api_divergence,
+            "cozen": self._api_cozen, "cozen_apply": self._api_cozen_apply, "cozen_remove": self._api_cozen_remove,
         })
 
     # -- role -------------------------------------------------------------------------
@@ -146,6 +149,7 @@ class Agent:
     async def _shutdown(self) -> None:
         self.event("info", "agent_stopped", f"agent {self.node.id} stopping on request")
         await self.api.stop()
+        await self.cozen.close()
         await self._leave_role()
         await self.channel.stop()
         await self.alerter.drain()
@@ -158,6 +162,7 @@ class Agent:
         if self.role == "passive":
             self.receiver = Receiver(self.state, self.cluster, self.node, self.event)
             self._spawn_role(self.receiver.apply_forever())
+            self._spawn(self._present("passive"))
         else:
             await self._start_capture()
             self._serve_task = asyncio.ensure_future(self._serve())
@@ -166,6 +171,7 @@ class Agent:
     async def _serve(self) -> None:
         """Take the public identity (it may wait for a frozen old holder), then run the applications."""
         await self.identity.take(self.epoch)
+        self._spawn(self._present("active"))  # the public names come back; the service does not wait for them
         await self.apps.start_all()
         await self.apps.monitor_forever(self._application_gave_up)
 
@@ -656,7 +662,8 @@ class Agent:
     # -- status -----------------------------------------------------------------------
     def _self_view(self) -> dict[str, Any]:
         view: dict[str, Any] = {"id": self.node.id, "role": self.role, "epoch": self.epoch, "connected": True,
-                                "last_error": self.last_error, "links": sorted(self.channel.links)}
+                                "last_error": self.last_error, "links": sorted(self.channel.links),
+                                "presented": self.cozen.presentation(self.role).hostname}
         if self.role == "active":
             view["journal_seq"] = self.state.journal_head()
             view.update(self._fork_fields())
@@ -709,6 +716,7 @@ class Agent:
                 "lag_seconds": 0.0,
                 "last_error": v.get("last_error", ""),
                 "heartbeat_age": None if spec.id == self.node.id or "seen" not in v else round(now - v["seen"], 3),
+                "presented_name": v.get("presented"),
             }
             if spec.id in active_peers:
                 ap = active_peers[spec.id]
@@ -727,6 +735,17 @@ class Agent:
             log.exception("could not store event")
         self.alerter.submit(level, kind, message)
 
+    async def _present(self, role: str) -> dict[str, Any]:
+        """Present the names of `role` (cozen while passive, public while active); say what failed."""
+        states = await self.cozen.apply(role)
+        for name, st in states.items():
+            if st.error:
+                self.event("warning", "cozen_failed", f"{name}: presenting {self.cozen.presentation(role).hostname} "
+                           f"as {role} failed: {st.error}")
+            elif st.changed:
+                self.event("info", "cozen_presented", f"{name}: {st.detail}")
+        return self.cozen.status()
+
     # -- API handlers -----------------------------------------------------------------
     async def _api_ping(self, _req: dict[str, Any]) -> dict[str, Any]:
         return {"node": self.node.id, "pid": os.getpid(), "role": self.role}
@@ -739,6 +758,23 @@ class Agent:
         if not isinstance(limit, int) or not 1 <= limit <= 10000:
             raise ApiError("limit: expected an integer 1..10000", field="limit")
         return self.state.events(limit)
+
+    async def _api_cozen(self, _req: dict[str, Any]) -> dict[str, Any]:
+        return self.cozen.status()
+
+    async def _api_cozen_apply(self, _req: dict[str, Any]) -> dict[str, Any]:
+        return await self._present(self.role)
+
+    async def _api_cozen_remove(self, req: dict[str, Any]) -> dict[str, Any]:
+        node = req.get("node")
+        if not isinstance(node, str) or node not in {n.id for n in self.cluster.nodes}:
+            raise ApiError(f"node: expected a node of this cluster, got {node!r}", field="node")
+        if node == self.node.id or self.views.get(node, {}).get("role") == "active":
+            raise ApiError(f"node: {node} is this node or the active; remove a passive that has left the cluster",
+                           field="node", hint="nf status shows the roles")
+        states = await self.cozen.remove(node)
+        self.event("warning", "cozen_removed", f"cozen names of {node} removed by the operator")
+        return {"node": node, "providers": {k: v.to_json() for k, v in states.items()}}
 
     async def _api_divergences(self, _req: dict[str, Any]) -> dict[str, Any]:
         return {"node": self.node.id, "divergences": list_divergences(self.state.db, self.node.state_dir)}

@@ -81,6 +81,20 @@ def ask_any(config: str | os.PathLike[str] | None, op: str, timeout: float = 5.0
                            hint="start the agents (nf agent --config NODE.toml, or nf demo up)")
 
 
+def ask_all(config: str | os.PathLike[str] | None, op: str, timeout: float = 10.0, **args: Any) -> list[dict[str, Any]]:
+    """Ask every agent of the cluster; a node that does not answer is {"node", "error"} in the list."""
+    answers: list[dict[str, Any]] = []
+    for agent in find_agents(config):
+        try:
+            answers.append(request(agent.socket, op, timeout=timeout, **args))
+        except NfError as exc:
+            answers.append({"node": agent.node, "error": exc.message})
+    if not any("error" not in a for a in answers):
+        raise AgentUnreachable("no agent of the cluster answered",
+                               hint="start the agents (nf agent --config NODE.toml, or nf demo up)")
+    return answers
+
+
 def ask_active(config: str | os.PathLike[str] | None, op: str, timeout: float = 600.0, **args: Any) -> Any:
     """Ask the agent that is active; verify and other active-only work goes here."""
     errors: list[str] = []
@@ -96,4 +110,4 @@ def ask_active(config: str | os.PathLike[str] | None, op: str, timeout: float = 
                            hint="nf status shows which node is active; run this on it")
 
 
-__all__ = ["AgentAddress", "NfError", "ask_active", "ask_any", "cluster_path", "find_agents", "request"]
+__all__ = ["AgentAddress", "NfError", "ask_active", "ask_all", "ask_any", "cluster_path", "find_agents", "request"]

@@ -42,6 +42,15 @@ class NodeSpec:
     channel_host: str  # IP address or host name, without IPv6 brackets
     channel_port: int
     management: str  # IP address
+    #: The cozen identity this node presents while passive (filled in at load when not given):
+    #: a host name in `zone`, and a NetBIOS name.
+    cozen: str = ""
+    cozen_netbios: str = ""
+    zone: str = ""
+
+    @property
+    def cozen_fqdn(self) -> str:
+        return f"{self.cozen}.{self.zone}" if self.zone else self.cozen
 
     @property
     def channel(self) -> str:
@@ -149,6 +158,26 @@ class AlertSettings:
 
 
 @dataclass(frozen=True)
+class DnsSettings:
+    """RFC 2136 updates of cozen names (A and PTR) and, with `public_takeover`, the public name."""
+
+    server: str  # IP address of the primary server for the zones
+    zone: str  # forward zone of the cozen names (each node may name its own)
+    key_file: Path  # TSIG key in BIND's format (`tsig-keygen`), mode 0600
+    port: int = 53
+    reverse_zones: tuple[str, ...] = ()  # PTR records go in the one holding the address
+    ttl: int = 60
+    public_takeover: bool = False  # the active points the public name at the public addresses
+
+
+@dataclass(frozen=True)
+class NetBiosSettings:
+    """The name-service responder (RFC 1001/1002): cozen name while passive, public while active."""
+
+    port: int = 137
+
+
+@dataclass(frozen=True)
 class Application:
     """A protected service: runs only on the active, in `order`, restarted then failed over."""
 
@@ -174,6 +203,8 @@ class ClusterConfig:
     path: Path
     alerts: AlertSettings = AlertSettings()
     applications: tuple[Application, ...] = ()
+    dns: DnsSettings | None = None
+    netbios: NetBiosSettings | None = None
 
     def node(self, node_id: str) -> NodeSpec:
         """The node with this id; a ConfigError naming the known ids otherwise."""
@@ -203,20 +234,24 @@ def load_cluster(path: str | Path) -> ClusterConfig:
     """Read and validate cluster.toml."""
     file = str(path)
     top = _Reader(file, "", _read_toml(file))
-    top.only("cluster", "public", "nodes", "protected", "replication", "heartbeat", "alerts", "applications")
+    top.only("cluster", "public", "nodes", "protected", "replication", "heartbeat", "alerts", "applications", "dns",
+             "netbios")
     cluster = top.table("cluster")
     name = cluster.text("name", "a cluster name matching [a-z0-9-]{1,63}", pattern=r"[a-z0-9-]{1,63}")
     cluster.done()
     public = _public(top.table("public"))
-    nodes = _nodes(top)
+    base = Path(path).absolute().parent
+    dns = _dns(top.table("dns"), base, public) if "dns" in top.data else None
+    netbios = _netbios(top.table("netbios")) if "netbios" in top.data else None
+    nodes = _nodes(top, public, dns)
     protected = _protected(top)
     replication = _replication(top.table("replication", required=False))
     heartbeat = _heartbeat(top.table("heartbeat", required=False))
-    alerts = _alerts(top.table("alerts", required=False), Path(path).absolute().parent)
+    alerts = _alerts(top.table("alerts", required=False), base)
     applications = _applications(top)
     top.done()
     return ClusterConfig(name, public, nodes, protected, replication, heartbeat, Path(path).absolute(), alerts,
-                         applications)
+                         applications, dns, netbios)
 
 
 def load_node(path: str | Path, cluster: ClusterConfig | None = None) -> NodeConfig:
@@ -288,6 +323,8 @@ def dump_cluster_toml(name: str, public: PublicIdentity, nodes: Sequence[NodeSpe
     for n in nodes:
         out += ["", "[[nodes]]", f"id = {_q(n.id)}", f"channel = {_q(n.channel)}",
                 f"management = {_q(n.management)}"]
+        out += [f"{k} = {_q(v)}" for k, v in (("cozen", n.cozen), ("cozen_netbios", n.cozen_netbios), ("zone", n.zone))
+                if v]
     for t in protected:
         out += ["", "[[protected]]", f"path = {_q(t.path)}", f"include = {_q(list(t.include))}",
                 f"exclude = {_q(list(t.exclude))}"]
@@ -436,7 +473,7 @@ def _public(r: _Reader) -> PublicIdentity:
     return PublicIdentity(fqdn, netbios, addresses, provider)
 
 
-def _nodes(top: _Reader) -> tuple[NodeSpec, ...]:
+def _nodes(top: _Reader, public: PublicIdentity, dns: DnsSettings | None) -> tuple[NodeSpec, ...]:
     readers = top.tables("nodes", "2 or 3 [[nodes]] tables")
     if not 2 <= len(readers) <= 3:
         raise top.error("nodes", "2 or 3 [[nodes]] tables", len(readers))
@@ -458,12 +495,54 @@ def _nodes(top: _Reader) -> tuple[NodeSpec, ...]:
         management = r.text("management", "an IP address")
         if not _is_ip(management):
             raise r.error("management", "an IP address", management)
+        label, _, domain = public.fqdn.partition(".")
+        cozen = r.text("cozen", "a host name label (letters, digits, hyphens)", default=f"{label}-nf-{node_id}")
+        if not re.fullmatch(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)", cozen):
+            raise r.error("cozen", "a host name label (letters, digits, hyphens)", cozen)
+        base_name = (public.netbios or label.upper().replace("_", "-"))[:11]
+        cozen_netbios = r.text("cozen_netbios", "a NetBIOS name of at most 15 characters [A-Z0-9-]",
+                               pattern=r"[A-Z0-9-]{1,15}", default=f"{base_name}-NF{NODE_IDS.index(node_id) + 1}")
+        zone = r.text("zone", "a DNS zone such as example.test", default=dns.zone if dns else domain)
+        if zone and not _is_hostname(zone):
+            raise r.error("zone", "a DNS zone such as example.test", zone)
         r.done()
-        nodes.append(NodeSpec(node_id, host, port, management))
+        nodes.append(NodeSpec(node_id, host, port, management, cozen, cozen_netbios, zone))
     ids = sorted((n.id for n in nodes), key=NODE_IDS.index)
     if tuple(ids) != NODE_IDS[: len(ids)]:
         raise top.error("nodes", "node ids primary, secondary and optionally tertiary", ids)
     return tuple(nodes)
+
+
+def _dns(r: _Reader, base: Path, public: PublicIdentity) -> DnsSettings:
+    r.only("server", "port", "zone", "reverse_zones", "key_file", "ttl", "public_takeover")
+    server = r.text("server", "the IP address of the DNS server that takes updates")
+    if not _is_ip(server):
+        raise r.error("server", "the IP address of the DNS server that takes updates", server)
+    zone = r.text("zone", "a DNS zone such as example.test").rstrip(".")
+    if not _is_hostname(zone):
+        raise r.error("zone", "a DNS zone such as example.test", zone)
+    reverse = tuple(z.rstrip(".") for z in r.strings("reverse_zones", "a list of reverse zones", default=[]))
+    for z in reverse:
+        if not (_is_hostname(z) and (z.endswith(".in-addr.arpa") or z.endswith(".ip6.arpa"))):
+            raise r.error("reverse_zones", "zones ending in .in-addr.arpa or .ip6.arpa", z)
+    key = _secret(r, "key_file", base)
+    if key is None:
+        raise r.error("key_file", "a path to a TSIG key file (BIND format) with mode 0600", "")
+    takeover = _flag(r, "public_takeover")
+    if takeover and not (public.fqdn == zone or public.fqdn.endswith("." + zone)):
+        raise r.error("public_takeover", f"the public name {public.fqdn} inside zone {zone}", True)
+    settings = DnsSettings(server, zone, key,
+                           r.integer("port", 53, lambda v: 0 < v < 65536, "a port 1..65535"), reverse,
+                           r.integer("ttl", 60, lambda v: 0 <= v <= 86400, "seconds 0..86400"), takeover)
+    r.done()
+    return settings
+
+
+def _netbios(r: _Reader) -> NetBiosSettings:
+    r.only("port")
+    settings = NetBiosSettings(r.integer("port", 137, lambda v: 0 < v < 65536, "a port 1..65535"))
+    r.done()
+    return settings
 
 
 def _protected(top: _Reader) -> tuple[ProtectedTree, ...]:

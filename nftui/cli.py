@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from nftui.commands import agent, demo, divergence, failover, init, status, switchover, verify, why
+from nftui.commands import agent, cozen, demo, divergence, failover, init, status, switchover, verify, why
 
 app = typer.Typer(
     name="nf",
@@ -21,6 +21,7 @@ app.command()(failover.failover)
 app.command()(switchover.switchover)
 app.add_typer(demo.app, name="demo")
 app.add_typer(divergence.app, name="divergence")
+app.add_typer(cozen.app, name="cozen")
 
 
 def main() -> None:

@@ -71,7 +71,9 @@ def test_a_valid_cluster_loads_with_defaults(tmp_path: Path) -> None:
     cfg = load_cluster(write_cluster(tmp_path))
     assert cfg.name == "demo"
     assert cfg.public == PublicIdentity("app01.example.test", "APP01", ("127.0.10.1",), "local")
-    assert cfg.node("secondary") == NodeSpec("secondary", "127.0.10.3", 7780, "127.0.10.3")
+    assert cfg.node("secondary") == NodeSpec("secondary", "127.0.10.3", 7780, "127.0.10.3",
+                                             "app01-nf-secondary", "APP01-NF2", "example.test")
+    assert cfg.node("secondary").cozen_fqdn == "app01-nf-secondary.example.test"
     assert cfg.protected == (ProtectedTree("/srv/data", (), ("*.tmp", "cache/")),)
     assert cfg.protected[0].rel == "srv/data"
     assert cfg.replication == ReplicationSettings()
@@ -247,7 +249,8 @@ def test_include_patterns_apply_to_files(rel: str, is_dir: bool, wanted: bool) -
 
 def test_written_toml_round_trips_awkward_strings(tmp_path: Path) -> None:
     public = PublicIdentity("app01.example.test", None, ("10.0.0.1/24", "fd00::1"), "linux")
-    nodes = [NodeSpec("primary", "10.0.0.2", 7780, "10.0.0.2"), NodeSpec("secondary", "fd00::3", 7780, "fd00::3")]
+    nodes = [NodeSpec("primary", "10.0.0.2", 7780, "10.0.0.2", "web-a", "WEB-A", "example.test"),
+             NodeSpec("secondary", "fd00::3", 7780, "fd00::3", "web-b", "WEB-B", "dmz.example.test")]
     trees = [ProtectedTree("/srv/da\"ta\\x", ("*.c",), ('we"ird\n\t\x01', "ü/"))]
     text = dump_cluster_toml("demo", public, nodes, trees, ReplicationSettings(coalesce_ms=0))
     cfg = load_cluster(write_cluster(tmp_path, text))

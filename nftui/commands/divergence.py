@@ -18,7 +18,7 @@ app = typer.Typer(help="Writes a stale active made after another node took over,
 def list_(config: ConfigOpt = None, json: JsonOpt = False) -> None:
     """List every node's divergences: when, at which epoch, how many paths."""
     with errors(json):
-        answers = _ask_all(config, "divergences")
+        answers = [dict({"divergences": []}, **a) for a in client.ask_all(config, "divergences")]
     if json:
         print_json({"nodes": answers})
         return
@@ -60,16 +60,3 @@ def show(
         detail = {"file": f"{p.get('size', 0)} bytes", "symlink": f"-> {p.get('target')}",
                   "missing": "deleted after the fork"}.get(p["kind"], p["kind"])
         console.print(f"  {p['path']}  ({detail})", highlight=False)
-
-
-def _ask_all(config: Any, op: str) -> list[dict[str, Any]]:
-    answers = []
-    for agent in client.find_agents(config):
-        try:
-            answers.append(client.request(agent.socket, op, timeout=10))
-        except client.NfError as exc:
-            answers.append({"node": agent.node, "error": exc.message, "divergences": []})
-    if not any("error" not in a for a in answers):
-        raise client.AgentUnreachable("no agent of the cluster answered",
-                                      hint="start the agents (nf agent --config NODE.toml, or nf demo up)")
-    return answers

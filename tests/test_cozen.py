@@ -1,0 +1,224 @@
+"""Cozen identities on a real demo cluster: BIND9 takes the DNS updates, nmblookup asks the responder.
+
+Every passive presents its cozen name (DNS A and PTR for its management address, a NetBIOS name
+answered there); the active presents the public names. The machine's own host name is never
+touched by the demo (the local provider).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Demo, nf, require_root, wait_for
+from engine.config import load_cluster
+from nftui.demo import create
+from servers import Bind9, ensure_packages, free_port
+
+
+@pytest.fixture
+def bind9(tmp_path: Path) -> Iterator[Bind9]:
+    server = Bind9(tmp_path / "named", "nf.test")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _configure(demo: Demo, bind9: Bind9, *, secret: str | None = None, port: int | None = None) -> None:
+    require_root()  # the NetBIOS responder answers on UDP 137
+    ensure_packages({"nmblookup": "samba-common-bin"})
+    demo.workdir.mkdir(parents=True)
+    create(demo.workdir, 3)
+    bind9.write_key(demo.workdir / "dns.key", secret)
+    with open(demo.config, "a") as f:
+        f.write(f'\n[dns]\nserver = "127.0.0.1"\nport = {port or bind9.port}\nzone = "nf.test"\n'
+                f'reverse_zones = ["127.in-addr.arpa"]\nkey_file = "dns.key"\n\n[netbios]\n')
+
+
+def _cozen(demo: Demo, *args: str) -> dict[str, dict[str, Any]]:
+    out = nf("cozen", *args, "--config", str(demo.config), "--json", check=False)
+    return {n["node"]: n for n in json.loads(out.stdout)["nodes"]}
+
+
+def _nmblookup(address: str, name: str) -> str | None:
+    """The address nmblookup gets for `name` by asking `address` directly, or None."""
+    out = subprocess.run(["nmblookup", "-U", address, name], capture_output=True, text=True, timeout=20).stdout
+    for line in out.splitlines():
+        if line.endswith(f" {name}<00>"):
+            return line.split()[0]
+    return None
+
+
+def _ptr(address: str) -> str:
+    return ".".join(reversed(address.split("."))) + ".in-addr.arpa."
+
+
+def test_a_new_cluster_registers_each_passive_in_dns_and_netbios(demo: Demo, bind9: Bind9) -> None:
+    _configure(demo, bind9)
+    cluster = load_cluster(demo.config)
+    demo.up(nodes=3)
+    nodes = {n.id: n for n in cluster.nodes}
+    for node in ("secondary", "tertiary"):
+        n = nodes[node]
+        wait_for(lambda n=n: bind9.lookup(n.cozen_fqdn, "A") == {n.management}, 30, f"{n.cozen_fqdn} in DNS")
+        assert bind9.lookup(_ptr(n.management), "PTR") == {n.cozen_fqdn + "."}
+        assert _nmblookup(n.management, n.cozen_netbios) == n.management
+    assert bind9.lookup(nodes["primary"].cozen_fqdn, "A") == set(), "the active presents the public name only"
+    public = cluster.public.addresses[0].split("/")[0]
+    wait_for(lambda: _nmblookup(public, "APP01") == public, 30, "the public NetBIOS name on the public address")
+
+    status = _cozen(demo, "status")
+    for node in ("secondary", "tertiary"):
+        dns = status[node]["providers"]["dns"]
+        assert dns["registered"] and dns["verified"] and not dns["error"], dns
+        assert status[node]["providers"]["netbios"]["registered"]
+        assert status[node]["providers"]["directory"]["configured"] is False
+        assert status[node]["presented"] == nodes[node].cozen_fqdn
+    assert status["primary"]["presented"] == "app01.nf.test"
+    presented = {n["id"]: n["presented_name"] for n in demo.status()["nodes"]}
+    assert presented == {"primary": "app01.nf.test", "secondary": nodes["secondary"].cozen_fqdn,
+                         "tertiary": nodes["tertiary"].cozen_fqdn}
+
+
+def test_after_a_switchover_the_names_follow_the_roles(demo: Demo, bind9: Bind9) -> None:
+    _configure(demo, bind9)
+    cluster = load_cluster(demo.config)
+    nodes = {n.id: n for n in cluster.nodes}
+    host_name = subprocess.run(["hostname"], capture_output=True, text=True).stdout
+    demo.up(nodes=3)
+    p, s = nodes["primary"], nodes["secondary"]
+    wait_for(lambda: bind9.lookup(s.cozen_fqdn, "A") == {s.management}, 30, "the secondary's cozen name")
+    out = json.loads(nf("switchover", "--config", str(demo.config), "--to", "secondary", "--json").stdout)
+    assert out["took_over"], out
+
+    wait_for(lambda: bind9.lookup(p.cozen_fqdn, "A") == {p.management}, 30, "the old active's cozen name")
+    wait_for(lambda: bind9.lookup(s.cozen_fqdn, "A") == set(), 30, "the new active's cozen name to go")
+    assert bind9.lookup(_ptr(p.management), "PTR") == {p.cozen_fqdn + "."}
+    assert bind9.lookup(_ptr(s.management), "PTR") == set()
+    wait_for(lambda: _nmblookup(p.management, p.cozen_netbios) == p.management, 30, "the old active's NetBIOS name")
+    assert _nmblookup(s.management, s.cozen_netbios) is None, "the new active no longer answers its cozen name"
+    public = cluster.public.addresses[0].split("/")[0]
+    wait_for(lambda: _nmblookup(public, "APP01") == public, 30, "the public NetBIOS name, now from the secondary")
+    presented = {n["id"]: n["presented_name"] for n in demo.status()["nodes"]}
+    assert presented["secondary"] == "app01.nf.test" and presented["primary"] == p.cozen_fqdn
+    assert subprocess.run(["hostname"], capture_output=True, text=True).stdout == host_name, \
+        "the demo never changes the machine's host name"
+
+
+def test_a_wrong_key_or_a_silent_server_is_a_clear_error_and_netbios_keeps_working(demo: Demo, bind9: Bind9) -> None:
+    import base64
+    import os
+
+    _configure(demo, bind9, secret=base64.b64encode(os.urandom(32)).decode())
+    cluster = load_cluster(demo.config)
+    s = cluster.node("secondary")
+    demo.up(nodes=2)
+    wait_for(lambda: _cozen(demo, "status")["secondary"]["providers"]["dns"]["error"], 30, "the DNS error")
+    status = _cozen(demo, "status")["secondary"]
+    assert "refused our TSIG key" in status["providers"]["dns"]["error"], status
+    assert status["providers"]["netbios"]["registered"] and _nmblookup(s.management, s.cozen_netbios) == s.management
+    assert bind9.lookup(s.cozen_fqdn, "A") == set()
+    assert nf("cozen", "status", "--config", str(demo.config), check=False).returncode == 1
+    events = [e["message"] for e in demo.events("secondary")]
+    assert any("refused our TSIG key" in m for m in events) and not any(bind9.secret in m for m in events)
+
+    text = demo.config.read_text().replace(f"port = {bind9.port}", f"port = {free_port()}")  # nothing listens there
+    demo.config.write_text(text)
+    demo.kill("secondary")
+    demo.start("secondary")
+    wait_for(lambda: "did not answer" in _cozen(demo, "status")["secondary"]["providers"]["dns"]["error"], 60,
+             "the unreachable-server error")
+    assert _nmblookup(s.management, s.cozen_netbios) == s.management
+
+
+def test_apply_twice_changes_nothing_the_second_time(demo: Demo, bind9: Bind9) -> None:
+    _configure(demo, bind9)
+    s = load_cluster(demo.config).node("secondary")
+    demo.up(nodes=3)
+    wait_for(lambda: bind9.lookup(s.cozen_fqdn, "A") == {s.management}, 30, "the secondary's cozen name")
+    first = _cozen(demo, "apply")
+    serial = bind9.serial()
+    second = _cozen(demo, "apply")
+    assert all(not p["changed"] for n in second.values() for p in n["providers"].values()), second
+    assert bind9.serial() == serial, "no update reached the server"
+    assert all(n["providers"]["dns"]["verified"] for n in first.values())
+    human = nf("cozen", "apply", "--config", str(demo.config))
+    assert "Nothing to change" in human.stdout
+
+
+def test_remove_takes_a_departed_nodes_names_out_of_dns(demo: Demo, bind9: Bind9) -> None:
+    _configure(demo, bind9)
+    t = load_cluster(demo.config).node("tertiary")
+    demo.up(nodes=3)
+    wait_for(lambda: bind9.lookup(t.cozen_fqdn, "A") == {t.management}, 30, "the tertiary's cozen name")
+    demo.kill("tertiary")
+    out = json.loads(nf("cozen", "remove", "tertiary", "--config", str(demo.config), "--json").stdout)
+    assert not out["providers"]["dns"]["error"] and out["providers"]["dns"]["registered"] is False, out
+    assert bind9.lookup(t.cozen_fqdn, "A") == set() and bind9.lookup(_ptr(t.management), "PTR") == set()
+    refused = nf("cozen", "remove", "primary", "--config", str(demo.config), "--json", check=False)
+    assert refused.returncode == 1 and "the active" in refused.stdout
+
+
+
+def test_the_responder_answers_its_name_and_ignores_garbage() -> None:
+    import asyncio
+    import socket
+    import struct
+
+    from engine.config import NodeSpec
+    from engine.cozen import Presentation
+    from engine.cozen.netbios import NetBiosRegistrar, decode_question, encode_name
+
+    def query(name: str, suffix: int = 0) -> bytes:  # id 0xabcd, a name query with recursion desired
+        return struct.pack(">HHHHHH", 0xABCD, 0x0110, 1, 0, 0, 0) + encode_name(name, suffix) + struct.pack(">HH", 0x20, 1)
+
+    async def exchange() -> list[bytes | None]:
+        port = free_port()
+        responder = NetBiosRegistrar(port)
+        node = NodeSpec("secondary", "127.0.0.1", 7780, "127.0.0.1", "clone", "CLONE-7", "x.test")
+        state = await responder.apply(Presentation(node, "passive", "x.test", "CLONE-7", ("127.0.0.1",)))
+        assert state.registered, state
+        loop = asyncio.get_running_loop()
+        answers: list[bytes | None] = []
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.setblocking(False)
+            for packet in (b"\x00" * 3, b"\xff" * 80, query("SOMEONE-ELSE"), query("clone-7")):
+                s.sendto(packet, ("127.0.0.1", port))
+                try:
+                    answers.append(await asyncio.wait_for(loop.sock_recv(s, 512), 0.3))
+                except asyncio.TimeoutError:
+                    answers.append(None)
+        await responder.close()
+        return answers
+
+    *ignored, answer = asyncio.run(exchange())
+    assert ignored == [None, None, None], "garbage and other names get no answer"
+    assert answer is not None and answer[:2] == b"\xab\xcd" and answer[2] & 0x80, "a response to our query"
+    assert answer[-4:] == bytes([127, 0, 0, 1]) and decode_question(answer) is None
+
+
+@pytest.mark.parametrize(("dns", "field"), [
+    ('server = "dns.example"\nzone = "nf.test"\nkey_file = "dns.key"', "dns.server"),
+    ('server = "127.0.0.1"\nzone = "nf.test"', "dns.key_file"),
+    ('server = "127.0.0.1"\nzone = "nf.test"\nkey_file = "open.key"', "dns.key_file"),
+    ('server = "127.0.0.1"\nzone = "other.test"\nkey_file = "dns.key"\npublic_takeover = true', "dns.public_takeover"),
+    ('server = "127.0.0.1"\nzone = "nf.test"\nkey_file = "dns.key"\nreverse_zones = ["10.in-addr"]', "dns.reverse_zones"),
+])
+def test_bad_dns_config_names_the_field(tmp_path: Path, dns: str, field: str) -> None:
+    from engine.errors import ConfigError
+
+    create(tmp_path, 2)
+    for name, mode in (("dns.key", 0o600), ("open.key", 0o644)):
+        (tmp_path / name).write_text('key "k" { algorithm hmac-sha256; secret "AAAA"; };\n')
+        (tmp_path / name).chmod(mode)
+    with open(tmp_path / "cluster.toml", "a") as f:
+        f.write(f"\n[dns]\n{dns}\n")
+    with pytest.raises(ConfigError) as err:
+        load_cluster(tmp_path / "cluster.toml")
+    assert field in str(err.value), str(err.value)
