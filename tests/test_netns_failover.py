@@ -110,11 +110,15 @@ def test_switchover_there_and_back_loses_nothing_and_the_client_follows(bed: Net
         (d / f"s{i:03d}").write_bytes(os.urandom(3000 + i))
     bed.wait_serving("index.txt", "one service, two nodes\n")
 
+    wait_for(lambda: (_hostname(bed, "primary"), _hostname(bed, "secondary")) == ("app", "app-nf-secondary"), 20,
+             "each agent's host name to be the name its role presents")
     there = json.loads(nf("switchover", "--config", str(bed.config), "--to", "secondary", "--json").stdout)
     assert there["took_over"] and there["lost_records"] == 0, there
     assert _checksums(bed.data("secondary")) == _checksums(d)
     wait_for(lambda: bed.role("secondary") == "active" and bed.role("primary") == "passive", 20, "roles swapped")
     bed.wait_serving("index.txt", "one service, two nodes\n")
+    wait_for(lambda: (_hostname(bed, "primary"), _hostname(bed, "secondary")) == ("app-nf-primary", "app"), 20,
+             "the host names to follow the roles")
     assert "10.77.0.50/" not in subprocess.run(["ip", "-n", bed.ns["primary"], "-o", "addr"], capture_output=True,
                                                text=True).stdout, "the old active released the public address"
 
@@ -125,6 +129,12 @@ def test_switchover_there_and_back_loses_nothing_and_the_client_follows(bed: Net
     assert back["took_over"] and back["lost_records"] == 0, back
     assert _checksums(d) == _checksums(bed.data("secondary"))
     bed.wait_serving("written-on-secondary", "written while the secondary was active\n")
+
+
+def _hostname(bed: NetBed, node: str) -> str:
+    """The host name in the agent's own UTS namespace (the machine's is never touched)."""
+    pid = bed.procs[node].pid  # ip netns exec and unshare exec the agent: the same process
+    return subprocess.run(["nsenter", "-t", str(pid), "-u", "hostname"], capture_output=True, text=True).stdout.strip()
 
 
 def _holders(bed: NetBed) -> list[str]:
