@@ -24,7 +24,7 @@ from engine.api import ApiServer
 from engine.applications import Applications
 from engine.capture import Change, Coalescer, Watcher
 from engine.channel import Channel, Link
-from engine.config import ClusterConfig, NodeConfig, load_cluster, load_node
+from engine.config import ClusterConfig, NodeConfig, load_cluster, load_node, local_trees
 from engine.cozen.manager import Cozen
 from engine.divergence import Divergence, keep_divergence, list_divergences, show_divergence
 from engine.errors import ApiError, ConfigError, NfError, ProtocolError
@@ -60,6 +60,8 @@ def find_cluster_config(node_toml: Path) -> Path:
 
 class Agent:
     def __init__(self, cluster: ClusterConfig, node: NodeConfig) -> None:
+        # This node's identity files are outside what it ships, compares or accepts.
+        cluster = replace(cluster, protected=local_trees(cluster.protected, node.local_files))
         self.cluster = cluster
         self.node = node
         self.state = State(node.state_dir)

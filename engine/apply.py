@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import fnmatch
 import itertools
 import os
 import shutil
@@ -75,12 +76,14 @@ class Applier:
     """Applies records to the replica under `root`; used from one thread at a time."""
 
     def __init__(self, root: Path, trees: Iterable["ProtectedTree"], *, stage_name: str = STAGE_NAME,
-                 held: Held | None = None, block_size: int = 0) -> None:
+                 held: Held | None = None, block_size: int = 0, local_files: Iterable[str] = ()) -> None:
         """With `held` (and the cluster's `block_size`), the block hashes of every file version
-        committed are kept there (see `engine.held`)."""
+        committed are kept there (see `engine.held`). Records naming one of `local_files` (this
+        node's identity files, absolute globs) are refused."""
         self.root = Path(root)
         self.trees = tuple(trees)
         self.stage_name = stage_name
+        self._local = tuple(f.lstrip("/") for f in local_files)
         self.held = held if block_size > 0 else None
         self.block_size = block_size
         self._stages: dict[int, _Stage] = {}
@@ -524,7 +527,10 @@ class Applier:
     def _path(self, op: str, meta: dict[str, Any], *, field: str = "path", allow_tree_root: bool = False) -> str:
         if field not in meta:
             raise ProtocolError(f"{op}.{field}: expected a path, got nothing")
-        return check_rel_path(meta[field], self.trees, allow_tree_root=allow_tree_root, stage_name=self.stage_name)
+        path = check_rel_path(meta[field], self.trees, allow_tree_root=allow_tree_root, stage_name=self.stage_name)
+        if any(fnmatch.fnmatchcase(path, pattern) for pattern in self._local):
+            raise PathError(path, "a node-local identity file of this clone (never replicated)")
+        return path
 
     def _tree(self, path: str) -> "ProtectedTree":
         tree = tree_of(path, self.trees)

@@ -21,7 +21,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,9 @@ from engine.errors import ConfigError
 from engine.netprobe import parse_target
 
 NODE_IDS = ("primary", "secondary", "tertiary")
+
+#: What makes every Linux clone a machine of its own, whatever else a node declares.
+LOCAL_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id", "/etc/ssh/ssh_host_*")
 STAGE_DIR = ".nf-stage"  # nf's own staging directory at the top of each protected tree
 PROVIDERS = ("local", "linux")
 COMPRESSIONS = ("zstd", "none")
@@ -224,6 +227,9 @@ class NodeConfig:
     cert: Path
     key: Path
     path: Path
+    #: Files that make this clone a distinct machine to other software: never replicated, never
+    #: overwritten by apply or verify --repair (absolute paths; a glob in the last part).
+    local_files: tuple[str, ...] = ()
 
     @property
     def socket(self) -> Path:
@@ -263,7 +269,7 @@ def load_node(path: str | Path, cluster: ClusterConfig | None = None) -> NodeCon
     file = str(path)
     base = Path(path).absolute().parent
     top = _Reader(file, "", _read_toml(file))
-    top.only("node", "tls")
+    top.only("node", "tls", "identity")
     node = top.table("node")
     known = tuple(n.id for n in cluster.nodes) if cluster else NODE_IDS
     where = f"a node of cluster {cluster.name}" if cluster else "a node id"
@@ -278,12 +284,32 @@ def load_node(path: str | Path, cluster: ClusterConfig | None = None) -> NodeCon
     cert = _resolve(base, tls.text("cert", "a PEM file path"))
     key = _resolve(base, tls.text("key", "a PEM file path"))
     tls.done()
+    local = LOCAL_FILES
+    if "identity" in top.data:
+        ident = top.table("identity")
+        expected = "a list of absolute, normalised file paths (a glob allowed), e.g. /etc/agent/id.dat"
+        declared = ident.strings("local_files", expected, default=[])
+        for f in declared:
+            if not f.startswith("/") or posixpath.normpath(f) != f or f == "/":
+                raise ident.error("local_files", expected, f)
+        ident.done()
+        local = tuple(dict.fromkeys((*LOCAL_FILES, *declared)))
     top.done()
     for name, p in (("ca", ca), ("cert", cert)):
         if not p.is_file():
             raise tls.error(name, "an existing PEM file", str(p), hint="nf init writes it into the node's tls/")
     _check_key_mode(tls, key)
-    return NodeConfig(node_id, root, state_dir, ca, cert, key, Path(path).absolute())
+    return NodeConfig(node_id, root, state_dir, ca, cert, key, Path(path).absolute(), local)
+
+
+def local_trees(trees: Sequence[ProtectedTree], local_files: Sequence[str]) -> tuple[ProtectedTree, ...]:
+    """The protected trees with a node's local identity files excluded (anchored patterns), so
+    that neither capture, a sync nor verify ever ships or compares them."""
+    out = []
+    for t in trees:
+        extra = tuple(f[len(t.path):] for f in local_files if f.startswith(t.path + "/"))
+        out.append(replace(t, exclude=t.exclude + extra) if extra else t)
+    return tuple(out)
 
 
 def parse_channel(value: str) -> tuple[str, int]:

@@ -287,7 +287,8 @@ class Receiver:
         self.db = state.connect()
         self.apply_db = state.connect()
         self.held = Held(self.apply_db)
-        self.applier = Applier(node.root, cluster.protected, held=self.held, block_size=cluster.replication.block_size)
+        self.applier = Applier(node.root, cluster.protected, held=self.held, block_size=cluster.replication.block_size,
+                               local_files=node.local_files)
         self.applier.discard_stages()
         self.queued = asyncio.Event()
         self.applied_event = asyncio.Event()

@@ -222,3 +222,45 @@ def test_bad_dns_config_names_the_field(tmp_path: Path, dns: str, field: str) ->
     with pytest.raises(ConfigError) as err:
         load_cluster(tmp_path / "cluster.toml")
     assert field in str(err.value), str(err.value)
+
+
+def test_node_local_identity_files_differ_between_clones_and_survive_verify_with_repair(demo: Demo) -> None:
+    demo.workdir.mkdir(parents=True)
+    create(demo.workdir, 2)
+    with open(demo.config, "a") as f:
+        f.write('\n[[protected]]\npath = "/etc"\ninclude = []\nexclude = []\n')
+    identity = ("etc/machine-id", "etc/ssh/ssh_host_ed25519_key", "etc/patch-agent/id.dat")
+    for node in ("primary", "secondary"):
+        for rel in identity:
+            path = demo.workdir / node / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{node}'s own {rel}\n")
+        with open(demo.workdir / node / "node.toml", "a") as f:  # what a patch-agent plugin declares
+            f.write('\n[identity]\nlocal_files = ["/etc/patch-agent/id.dat"]\n')
+    (demo.workdir / "primary" / "etc" / "app.conf").write_text("the same on every clone\n")
+    demo.up(nodes=2)
+    wait_for(lambda: (demo.workdir / "secondary" / "etc" / "app.conf").exists(), 30, "etc/app.conf to replicate")
+
+    out = nf("verify", "--repair", "--config", str(demo.config), "--json", check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (demo.workdir / "primary" / "etc" / "machine-id").write_text("changed on the active\n")  # an event, not shipped
+    (demo.workdir / "primary" / "etc" / "app.conf").write_text("changed after\n")
+    wait_for(lambda: (demo.workdir / "secondary" / "etc" / "app.conf").read_text() == "changed after\n", 30,
+             "the change after verify to replicate")
+    assert nf("verify", "--repair", "--config", str(demo.config), "--json", check=False).returncode == 0
+    for rel in identity:
+        assert (demo.workdir / "secondary" / rel).read_text() == f"secondary's own {rel}\n", rel
+    assert (demo.workdir / "primary" / "etc" / "patch-agent" / "id.dat").read_text() == "primary's own etc/patch-agent/id.dat\n"
+
+
+@pytest.mark.parametrize("bad", ['"etc/machine-id"', '"/etc/../shadow"', '"/"'])
+def test_a_bad_local_file_names_the_field(tmp_path: Path, bad: str) -> None:
+    from engine.config import load_node
+    from engine.errors import ConfigError
+
+    create(tmp_path, 2)
+    with open(tmp_path / "secondary" / "node.toml", "a") as f:
+        f.write(f"\n[identity]\nlocal_files = [{bad}]\n")
+    with pytest.raises(ConfigError) as err:
+        load_node(tmp_path / "secondary" / "node.toml", load_cluster(tmp_path / "cluster.toml"))
+    assert "identity.local_files" in str(err.value) and "absolute" in str(err.value)
