@@ -174,6 +174,18 @@ class DnsSettings:
 
 
 @dataclass(frozen=True)
+class DirectorySettings:
+    """Active Directory computer objects for cozen identities (ldap3), over LDAPS or StartTLS."""
+
+    url: str  # ldaps://host[:port], or ldap://host[:port] (StartTLS, always)
+    bind_dn: str
+    password_file: Path  # mode 0600
+    base: str  # the OU that holds the objects, e.g. OU=nf-clones,DC=example,DC=test (created if missing)
+    ca_file: Path | None = None  # PEM CA bundle for the server certificate; else the system's
+    on_remove: str = "disable"  # what `nf cozen remove` does to a departed node's object: disable | delete
+
+
+@dataclass(frozen=True)
 class NetBiosSettings:
     """The name-service responder (RFC 1001/1002): cozen name while passive, public while active."""
 
@@ -208,6 +220,7 @@ class ClusterConfig:
     applications: tuple[Application, ...] = ()
     dns: DnsSettings | None = None
     netbios: NetBiosSettings | None = None
+    directory: DirectorySettings | None = None
 
     def node(self, node_id: str) -> NodeSpec:
         """The node with this id; a ConfigError naming the known ids otherwise."""
@@ -241,7 +254,7 @@ def load_cluster(path: str | Path) -> ClusterConfig:
     file = str(path)
     top = _Reader(file, "", _read_toml(file))
     top.only("cluster", "public", "nodes", "protected", "replication", "heartbeat", "alerts", "applications", "dns",
-             "netbios")
+             "netbios", "directory")
     cluster = top.table("cluster")
     name = cluster.text("name", "a cluster name matching [a-z0-9-]{1,63}", pattern=r"[a-z0-9-]{1,63}")
     cluster.done()
@@ -249,6 +262,7 @@ def load_cluster(path: str | Path) -> ClusterConfig:
     base = Path(path).absolute().parent
     dns = _dns(top.table("dns"), base, public) if "dns" in top.data else None
     netbios = _netbios(top.table("netbios")) if "netbios" in top.data else None
+    directory = _directory(top.table("directory"), base) if "directory" in top.data else None
     nodes = _nodes(top, public, dns)
     protected = _protected(top)
     replication = _replication(top.table("replication", required=False))
@@ -257,7 +271,7 @@ def load_cluster(path: str | Path) -> ClusterConfig:
     applications = _applications(top)
     top.done()
     return ClusterConfig(name, public, nodes, protected, replication, heartbeat, Path(path).absolute(), alerts,
-                         applications, dns, netbios)
+                         applications, dns, netbios, directory)
 
 
 def load_node(path: str | Path, cluster: ClusterConfig | None = None) -> NodeConfig:
@@ -560,6 +574,23 @@ def _dns(r: _Reader, base: Path, public: PublicIdentity) -> DnsSettings:
     settings = DnsSettings(server, zone, key,
                            r.integer("port", 53, lambda v: 0 < v < 65536, "a port 1..65535"), reverse,
                            r.integer("ttl", 60, lambda v: 0 <= v <= 86400, "seconds 0..86400"), takeover)
+    r.done()
+    return settings
+
+
+def _directory(r: _Reader, base: Path) -> DirectorySettings:
+    r.only("url", "bind_dn", "password_file", "base", "ca_file", "on_remove")
+    expected = "ldaps://HOST[:PORT], or ldap://HOST[:PORT] (StartTLS): never a plain bind"
+    url = r.text("url", expected, pattern=r"ldaps?://[\w.\[\]:-]+(:\d{1,5})?/?")
+    bind_dn = r.text("bind_dn", "a DN such as CN=nf,CN=Users,DC=example,DC=test", pattern=r"\S.*=.*")
+    password = _secret(r, "password_file", base)
+    if password is None:
+        raise r.error("password_file", "a path to a file with mode 0600 holding the bind password", "")
+    ou = r.text("base", "the DN of the OU for the computer objects, e.g. OU=nf-clones,DC=example,DC=test",
+                pattern=r"(?i)OU=.+")
+    settings = DirectorySettings(url, bind_dn, password, ou, _pem_file(r, "ca_file", base),
+                                 r.text("on_remove", '"disable" or "delete"', pattern=r"disable|delete",
+                                        default="disable"))
     r.done()
     return settings
 

@@ -112,3 +112,91 @@ class Bind9:
         if resp.rcode() != dns.rcode.NOERROR or not resp.answer:
             return 0
         return int(resp.answer[0][0].serial)
+
+
+class SambaAD:
+    """A Samba AD DC provisioned into a temporary directory: LDAPS (and StartTLS) on 127.0.0.1,
+    with a certificate for that address from a CA of the test's own (`ca_file`)."""
+
+    REALM, DOMAIN, BASE = "NF.TEST", "NF", "DC=nf,DC=test"
+    ADMIN_DN = "CN=Administrator,CN=Users,DC=nf,DC=test"
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.password = f"Nf-{os.urandom(6).hex()}-a1!"
+        self.ca_file = workdir / "tls" / "ca.pem"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        from engine.pki import make_ca, make_node_cert, write_public, write_secret
+
+        ensure_packages({"samba": "samba-ad-dc", "samba-tool": "samba-ad-dc"})
+        self.dir.mkdir(parents=True, exist_ok=True)
+        prov = subprocess.run(
+            ["samba-tool", "domain", "provision", f"--targetdir={self.dir}", f"--realm={self.REALM}",
+             f"--domain={self.DOMAIN}", "--server-role=dc", "--dns-backend=NONE", f"--adminpass={self.password}",
+             "--host-name=dc1", "--option=interfaces=127.0.0.1", "--option=bind interfaces only=yes"],
+            capture_output=True, text=True, timeout=300)
+        if prov.returncode != 0:
+            raise RuntimeError(f"samba-tool domain provision failed: {prov.stdout[-2000:]}{prov.stderr[-2000:]}")
+        ca_cert, ca_key = make_ca("ad-test")
+        cert, key = make_node_cert(ca_cert, ca_key, "dc1", "ad-test", ["127.0.0.1"])
+        write_public(self.ca_file, ca_cert)
+        write_public(self.dir / "tls" / "cert.pem", cert)
+        write_secret(self.dir / "tls" / "key.pem", key)
+        (self.dir / "run").mkdir(exist_ok=True)
+        conf = self.dir / "etc" / "smb.conf"
+        conf.write_text(conf.read_text().replace("[global]\n", textwrap.dedent(f"""\
+            [global]
+            \tpid directory = {self.dir}/run
+            \tlog file = {self.dir}/samba.%m.log
+            \tserver services = ldap
+            \ttls enabled = yes
+            \ttls keyfile = {self.dir}/tls/key.pem
+            \ttls certfile = {self.dir}/tls/cert.pem
+            \ttls cafile = {self.ca_file}
+            """), 1))
+        log = open(self.dir / "samba.log", "wb")
+        self.proc = subprocess.Popen(["samba", "-i", "-M", "single", "-s", str(conf)], stdout=log,
+                                     stderr=subprocess.STDOUT)
+        log.close()
+        wait_for(lambda: self.proc is not None and self.proc.poll() is None and self._binds(), 60,
+                 f"samba to answer LDAPS on 127.0.0.1:636 (see {self.dir}/samba.log)")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def connect(self):  # type: ignore[no-untyped-def]
+        import ssl
+
+        import ldap3
+
+        tls = ldap3.Tls(ca_certs_file=str(self.ca_file), validate=ssl.CERT_REQUIRED)
+        server = ldap3.Server("127.0.0.1", port=636, use_ssl=True, tls=tls, connect_timeout=5)
+        return ldap3.Connection(server, user=self.ADMIN_DN, password=self.password, auto_bind=True)
+
+    def _binds(self) -> bool:
+        try:
+            self.connect().unbind()
+        except Exception:
+            return False
+        return True
+
+    def computer(self, sam: str) -> dict | None:
+        """The computer object with this sAMAccountName anywhere in the domain, as a dict of lists."""
+        conn = self.connect()
+        try:
+            conn.search(self.BASE, f"(&(objectClass=computer)(sAMAccountName={sam}))",
+                        attributes=["sAMAccountName", "dNSHostName", "servicePrincipalName", "description",
+                                    "userAccountControl"])
+            if not conn.entries:
+                return None
+            return dict(conn.entries[0].entry_attributes_as_dict, dn=conn.entries[0].entry_dn)
+        finally:
+            conn.unbind()

@@ -17,7 +17,7 @@ import pytest
 from conftest import Demo, nf, require_root, wait_for
 from engine.config import load_cluster
 from nftui.demo import create
-from servers import Bind9, ensure_packages, free_port
+from servers import Bind9, SambaAD, ensure_packages, free_port
 
 
 @pytest.fixture
@@ -39,6 +39,31 @@ def _configure(demo: Demo, bind9: Bind9, *, secret: str | None = None, port: int
     with open(demo.config, "a") as f:
         f.write(f'\n[dns]\nserver = "127.0.0.1"\nport = {port or bind9.port}\nzone = "nf.test"\n'
                 f'reverse_zones = ["127.in-addr.arpa"]\nkey_file = "dns.key"\n\n[netbios]\n')
+
+
+@pytest.fixture
+def samba(tmp_path: Path) -> Iterator[SambaAD]:
+    require_root()  # samba's LDAP server binds ports 389 and 636
+    server = SambaAD(tmp_path / "ad")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _with_directory(demo: Demo, samba: SambaAD, url: str = "ldaps://127.0.0.1") -> None:
+    """A demo cluster whose cozen identities go to the directory (and NetBIOS), not DNS."""
+    require_root()
+    ensure_packages({"nmblookup": "samba-common-bin"})
+    demo.workdir.mkdir(parents=True)
+    create(demo.workdir, 3)
+    secret = demo.workdir / "ad.password"
+    secret.write_text(samba.password + "\n")
+    secret.chmod(0o600)
+    with open(demo.config, "a") as f:
+        f.write(f'\n[directory]\nurl = "{url}"\nbind_dn = "{samba.ADMIN_DN}"\npassword_file = "ad.password"\n'
+                f'base = "OU=nf-clones,{samba.BASE}"\nca_file = "{samba.ca_file}"\n\n[netbios]\n')
 
 
 def _cozen(demo: Demo, *args: str) -> dict[str, dict[str, Any]]:
@@ -264,3 +289,74 @@ def test_a_bad_local_file_names_the_field(tmp_path: Path, bad: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_node(tmp_path / "secondary" / "node.toml", load_cluster(tmp_path / "cluster.toml"))
     assert "identity.local_files" in str(err.value) and "absolute" in str(err.value)
+
+
+def test_each_node_has_a_computer_object_enabled_while_passive(demo: Demo, samba: SambaAD) -> None:
+    _with_directory(demo, samba)
+    cluster = load_cluster(demo.config)
+    demo.up(nodes=3)
+    for node in cluster.nodes:
+        wait_for(lambda n=node: samba.computer(f"{n.cozen_netbios}$") is not None, 30, f"{node.id}'s computer object")
+    s = cluster.node("secondary")
+    obj = samba.computer(f"{s.cozen_netbios}$")
+    assert obj is not None
+    assert obj["dn"] == f"CN={s.cozen_netbios},OU=nf-clones,{samba.BASE}"
+    assert obj["dNSHostName"] == [s.cozen_fqdn]
+    assert sorted(obj["servicePrincipalName"]) == sorted([f"HOST/{s.cozen_fqdn}", f"HOST/{s.cozen_netbios}"])
+    assert obj["description"] == ["nf cluster demo: cozen identity of node secondary"]
+    assert int(obj["userAccountControl"][0]) & 2 == 0, "enabled while passive"
+    primary = samba.computer(f"{cluster.node('primary').cozen_netbios}$")
+    assert primary is not None and int(primary["userAccountControl"][0]) & 2, "disabled while active"
+    status = _cozen(demo, "status")["secondary"]["providers"]["directory"]
+    assert status["registered"] and status["verified"] and not status["error"], status
+
+    out = json.loads(nf("switchover", "--config", str(demo.config), "--to", "secondary", "--json").stdout)
+    assert out["took_over"], out
+    wait_for(lambda: int(samba.computer(f"{s.cozen_netbios}$")["userAccountControl"][0]) & 2, 30,
+             "the new active's object to be disabled")
+    wait_for(lambda: int(samba.computer(f"{cluster.node('primary').cozen_netbios}$")["userAccountControl"][0]) & 2
+             == 0, 30, "the new passive's object to be enabled")
+    second = _cozen(demo, "apply")
+    assert not any(n["providers"]["directory"]["changed"] for n in second.values()), second
+
+    demo.kill("tertiary")
+    removed = json.loads(nf("cozen", "remove", "tertiary", "--config", str(demo.config), "--json").stdout)
+    assert not removed["providers"]["directory"]["error"], removed
+    t = samba.computer(f"{cluster.node('tertiary').cozen_netbios}$")
+    assert t is not None and int(t["userAccountControl"][0]) & 2, "disabled (on_remove = disable)"
+
+
+def test_a_directory_refusal_reaches_the_operator_in_the_servers_words(demo: Demo, samba: SambaAD) -> None:
+    _with_directory(demo, samba, url="ldap://127.0.0.1")  # StartTLS this time
+    s = load_cluster(demo.config).node("secondary")
+    conn = samba.connect()  # another object already holds the secondary's SPN
+    assert conn.add(f"CN=OTHER,CN=Computers,{samba.BASE}", ["top", "person", "organizationalPerson", "user", "computer"],
+                    {"sAMAccountName": "OTHER$", "servicePrincipalName": [f"HOST/{s.cozen_netbios}"],
+                     "userAccountControl": 4096}), conn.result
+    conn.unbind()
+    demo.up(nodes=2)
+    wait_for(lambda: _cozen(demo, "status")["secondary"]["providers"]["directory"]["error"], 30, "the refusal")
+    status = _cozen(demo, "status")["secondary"]["providers"]
+    assert "would cause a conflict" in status["directory"]["error"], status["directory"]
+    assert status["netbios"]["registered"] and _nmblookup(s.management, s.cozen_netbios) == s.management
+    assert nf("cozen", "status", "--config", str(demo.config), check=False).returncode == 1
+
+
+@pytest.mark.parametrize(("directory", "field"), [
+    ('url = "http://dc1"\nbind_dn = "CN=a,DC=b"\npassword_file = "pw"\nbase = "OU=x,DC=b"', "directory.url"),
+    ('url = "ldaps://dc1"\nbind_dn = "CN=a,DC=b"\nbase = "OU=x,DC=b"', "directory.password_file"),
+    ('url = "ldaps://dc1"\nbind_dn = "CN=a,DC=b"\npassword_file = "pw"\nbase = "CN=Computers,DC=b"', "directory.base"),
+    ('url = "ldaps://dc1"\nbind_dn = "CN=a,DC=b"\npassword_file = "pw"\nbase = "OU=x,DC=b"\non_remove = "keep"',
+     "directory.on_remove"),
+])
+def test_bad_directory_config_names_the_field(tmp_path: Path, directory: str, field: str) -> None:
+    from engine.errors import ConfigError
+
+    create(tmp_path, 2)
+    (tmp_path / "pw").write_text("secret\n")
+    (tmp_path / "pw").chmod(0o600)
+    with open(tmp_path / "cluster.toml", "a") as f:
+        f.write(f"\n[directory]\n{directory}\n")
+    with pytest.raises(ConfigError) as err:
+        load_cluster(tmp_path / "cluster.toml")
+    assert field in str(err.value), str(err.value)

@@ -29,6 +29,10 @@ class Cozen:
             from engine.cozen.dns import DnsRegistrar
 
             self.registrars.append(DnsRegistrar(cluster.dns, cluster.public))
+        if cluster.directory is not None:
+            from engine.cozen.directory import DirectoryRegistrar
+
+            self.registrars.append(DirectoryRegistrar(cluster.directory, cluster.name))
         if cluster.netbios is not None:
             from engine.cozen.netbios import NetBiosRegistrar
 
