@@ -30,7 +30,8 @@ def bind9(tmp_path: Path) -> Iterator[Bind9]:
         server.stop()
 
 
-def _configure(demo: Demo, bind9: Bind9, *, secret: str | None = None, port: int | None = None) -> None:
+def _configure(demo: Demo, bind9: Bind9, *, secret: str | None = None, port: int | None = None,
+               takeover: bool = False) -> None:
     require_root()  # the NetBIOS responder answers on UDP 137
     ensure_packages({"nmblookup": "samba-common-bin"})
     demo.workdir.mkdir(parents=True)
@@ -38,7 +39,8 @@ def _configure(demo: Demo, bind9: Bind9, *, secret: str | None = None, port: int
     bind9.write_key(demo.workdir / "dns.key", secret)
     with open(demo.config, "a") as f:
         f.write(f'\n[dns]\nserver = "127.0.0.1"\nport = {port or bind9.port}\nzone = "nf.test"\n'
-                f'reverse_zones = ["127.in-addr.arpa"]\nkey_file = "dns.key"\n\n[netbios]\n')
+                f'reverse_zones = ["127.in-addr.arpa"]\nkey_file = "dns.key"\npublic_takeover = {str(takeover).lower()}\n'
+                f'\n[netbios]\n')
 
 
 @pytest.fixture
@@ -85,7 +87,7 @@ def _ptr(address: str) -> str:
 
 
 def test_a_new_cluster_registers_each_passive_in_dns_and_netbios(demo: Demo, bind9: Bind9) -> None:
-    _configure(demo, bind9)
+    _configure(demo, bind9, takeover=True)
     cluster = load_cluster(demo.config)
     demo.up(nodes=3)
     nodes = {n.id: n for n in cluster.nodes}
@@ -96,6 +98,7 @@ def test_a_new_cluster_registers_each_passive_in_dns_and_netbios(demo: Demo, bin
         assert _nmblookup(n.management, n.cozen_netbios) == n.management
     assert bind9.lookup(nodes["primary"].cozen_fqdn, "A") == set(), "the active presents the public name only"
     public = cluster.public.addresses[0].split("/")[0]
+    wait_for(lambda: bind9.lookup("app01.nf.test", "A") == {public}, 30, "the public name at the public address")
     wait_for(lambda: _nmblookup(public, "APP01") == public, 30, "the public NetBIOS name on the public address")
 
     status = _cozen(demo, "status")
