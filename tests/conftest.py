@@ -55,6 +55,17 @@ def nf(*args: str, check: bool = True, timeout: float = 300) -> subprocess.Compl
     return proc
 
 
+def assert_kept_aside(config: Path, node: str, path: str, content: str) -> None:
+    """`node` kept exactly one divergence, and in it `path` with `content` (written after the fork)."""
+    listed = json.loads(nf("divergence", "list", "--config", str(config), "--json").stdout)
+    kept = next(n for n in listed["nodes"] if n["node"] == node)["divergences"]
+    assert len(kept) == 1, listed
+    shown = json.loads(nf("divergence", "show", "--config", str(config), "--node", node, str(kept[0]["id"]),
+                          "--json").stdout)
+    entry = next(p for p in shown["paths"] if p["path"] == path)
+    assert Path(entry["copy"]).read_text() == content
+
+
 class Demo:
     """A demo cluster of real agent processes in a temporary directory."""
 

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from conftest import Demo, nf, wait_for
+from conftest import Demo, assert_kept_aside, nf, wait_for
 from engine.config import load_cluster
 from engine.identity import probe
 
@@ -114,13 +113,7 @@ def test_a_paused_active_steps_down_when_it_resumes_and_never_answers_beside_the
     assert any("stepping down" in m for m in events), events
 
     # its post-fork write is kept aside, listed, and never merged into the new active
-    listed = json.loads(nf("divergence", "list", "--config", str(demo.config), "--json").stdout)
-    kept = next(n for n in listed["nodes"] if n["node"] == "primary")["divergences"]
-    assert len(kept) == 1, listed
-    shown = json.loads(nf("divergence", "show", "--config", str(demo.config), "--node", "primary",
-                          str(kept[0]["id"]), "--json").stdout)
-    entry = next(p for p in shown["paths"] if p["path"] == "srv/data/written-after-fork")
-    assert Path(entry["copy"]).read_text() == "only the old active has this\n"
+    assert_kept_aside(demo.config, "primary", "srv/data/written-after-fork", "only the old active has this\n")
     wait_for(lambda: not (demo.data("primary") / "written-after-fork").exists(), 30,
              "the old active to resync to the new active's tree")
     assert not (demo.data("secondary") / "written-after-fork").exists()

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import nf, require, require_root, tree_diff, wait_for
+from conftest import assert_kept_aside, nf, require, require_root, tree_diff, wait_for
 from netbed import CLIENT, NetBed
 
 
@@ -168,13 +168,7 @@ def test_a_frozen_active_is_never_answered_beside_and_steps_down_when_it_wakes(b
     assert seen[-1] == ["secondary"], seen[-5:]
     wait_for(lambda: bed.role("primary") == "passive", 30, "the woken active to step down")
     bed.wait_serving("index.txt", "one at a time\n")
-    listed = json.loads(nf("divergence", "list", "--config", str(bed.config), "--json").stdout)
-    kept = next(n for n in listed["nodes"] if n["node"] == "primary")["divergences"]
-    assert len(kept) == 1, listed
-    shown = json.loads(nf("divergence", "show", "--config", str(bed.config), "--node", "primary",
-                          str(kept[0]["id"]), "--json").stdout)
-    entry = next(p for p in shown["paths"] if p["path"] == "srv/data/written-after-fork")
-    assert Path(entry["copy"]).read_text() == "only the old active has this\n"
+    assert_kept_aside(bed.config, "primary", "srv/data/written-after-fork", "only the old active has this\n")
     wait_for(lambda: not (bed.data("primary") / "written-after-fork").exists(), 30,
              "the old active to resync to the new active's tree")
     assert not (bed.data("secondary") / "written-after-fork").exists()

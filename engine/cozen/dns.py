@@ -14,6 +14,7 @@ import asyncio
 import ipaddress
 import re
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -145,7 +146,7 @@ class DnsRegistrar(Registrar):
         return frozenset(rd.to_text() for rrset in resp.answer if rrset.rdtype == dns.rdatatype.from_text(rdtype)
                          for rd in rrset)
 
-    def _send(self, call, what: str):  # type: ignore[no-untyped-def]
+    def _send(self, call: Callable[[], dns.message.Message], what: str) -> dns.message.Message:
         """`call()` with retries on network failures; TSIG refusals are final."""
         last = ""
         for wait in (*RETRIES, None):

@@ -116,7 +116,7 @@ class NetBiosRegistrar(Registrar):
             for host in hosts:
                 transport, _ = await loop.create_datagram_endpoint(
                     lambda h=host: _Responder({p.netbios: h}), local_addr=(host, self.port),  # type: ignore[misc]
-                    family=socket.AF_INET, reuse_port=False)
+                    family=socket.AF_INET)
                 self._transports.append(transport)
         except OSError as exc:
             await self.close()
