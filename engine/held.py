@@ -26,62 +26,62 @@ MAX_READ_BACK = 16
 
 @dataclass
 class StagedDigests:
-    """Digests of the blocks one staged file was sent, by block index."""
+    """Digests of the runs of blocks one staged file was sent: a few Python operations per
+    record, whatever its size (the hashing itself is xxh3 in C)."""
 
     block_size: int
-    full: dict[int, bytes] = field(default_factory=dict)
-    short: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # index -> (length, digest)
+    runs: list[tuple[int, bytes, int]] = field(default_factory=list)  # (first block, digests, bytes)
     unaligned: bool = False
 
     def add(self, offset: int, data: bytes | memoryview) -> None:
-        bs = self.block_size
-        if offset % bs:
+        if offset % self.block_size:
             self.unaligned = True  # no sender writes this way; hashes would need a full read back
             return
-        digests = hash_bytes(data, bs)
-        first = offset // bs
-        for k in range(len(digests) // DIGEST_SIZE):
-            d = digests[k * DIGEST_SIZE : (k + 1) * DIGEST_SIZE]
-            length = min(bs, len(data) - k * bs)
-            self.short.pop(first + k, None)
-            self.full.pop(first + k, None)
-            if length == bs:
-                self.full[first + k] = d
-            else:
-                self.short[first + k] = (length, d)
+        self.runs.append((offset // self.block_size, hash_bytes(data, self.block_size), len(data)))
 
     def final(self, size: int, *, fresh: bool, base: Entry | None,
               read_block: Callable[[int], bytes]) -> bytes | None:
         """Hashes of the committed file of `size` bytes, or None when they cannot be had cheaply.
 
         `fresh`: the stage started empty (untouched blocks are holes); else it started as a copy
-        of the target, whose hashes `base` holds when known (its size is `base.size`).
+        of the target, whose hashes `base` holds when known. Every block's digest must cover
+        min(block size, what is left of the file): a short block whose length changed is read back.
         """
-        bs = self.block_size
-        if self.unaligned or (not fresh and base is None):
+        bs, d = self.block_size, DIGEST_SIZE
+        if self.unaligned or (not fresh and (base is None or base.hashes is None)):
             return None
-        base_hashes = base.hashes if base is not None and base.hashes is not None else b""
-        base_size = base.size if base is not None else 0
         n = -(-size // bs)
-        out: list[bytes] = []
-        reads = 0
-        for i in range(n):
-            length = min(bs, size - i * bs)
-            d = self.full.get(i) if length == bs else None
-            if d is None and i in self.short and self.short[i][0] == length:
-                d = self.short[i][1]
-            if d is None and i not in self.full and i not in self.short:
-                if fresh or i * bs >= base_size:
-                    d = zero_digest(length)  # never written: a hole, or the zeros an extension adds
-                elif length == min(bs, base_size - i * bs) and len(base_hashes) >= (i + 1) * DIGEST_SIZE:
-                    d = base_hashes[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]  # unchanged
-            if d is None:  # a block whose length changed: read it back
-                reads += 1
-                if reads > MAX_READ_BACK:
-                    return None
-                d = hash_bytes(read_block(i), bs)
-            out.append(d)
-        return b"".join(out)
+        full_zero = zero_digest(bs)
+        cover: dict[int, int] = {}  # block -> bytes its digest in `out` covers, where that is not a full block
+        if fresh:
+            out = bytearray(full_zero * n)  # holes; a short last hole is read back below (as zeros)
+        else:
+            assert base is not None and base.hashes is not None
+            base_n = -(-base.size // bs)
+            keep = min(base_n, n, len(base.hashes) // d)
+            out = bytearray(base.hashes[: keep * d]) + full_zero * (n - keep)
+            if base.size % bs and base_n - 1 < n:
+                cover[base_n - 1] = base.size - (base_n - 1) * bs
+        for first, digests, length in self.runs:
+            k = len(digests) // d
+            upto = min(first + k, n)
+            if upto <= first:
+                continue
+            out[first * d : upto * d] = digests[: (upto - first) * d]
+            for i in [i for i in cover if first <= i < upto]:
+                del cover[i]
+            tail = length - (k - 1) * bs
+            if tail != bs and first + k - 1 < n:
+                cover[first + k - 1] = tail
+        last = n - 1
+        stale = [i for i, c in cover.items() if c != min(bs, size - i * bs)]
+        if n and size - last * bs != bs and cover.get(last, bs) != size - last * bs and last not in stale:
+            stale.append(last)
+        if len(stale) > MAX_READ_BACK:
+            return None
+        for i in stale:
+            out[i * d : (i + 1) * d] = hash_bytes(read_block(i), bs)
+        return bytes(out)
 
 
 class Held:
