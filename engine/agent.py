@@ -32,6 +32,7 @@ from engine.ha import Decision, PeerView, Snapshot, decide
 from engine.identity import probe, provider_for
 from engine.journaler import Journaler
 from engine.netprobe import parse_target, probe_all
+from engine.plugins import Plugins
 from engine.protocol import Codec, Message
 from engine.replication import ManifestWaiter, PeerProgress, Receiver, Sender
 from engine.state import State
@@ -59,8 +60,12 @@ def find_cluster_config(node_toml: Path) -> Path:
 
 
 class Agent:
-    def __init__(self, cluster: ClusterConfig, node: NodeConfig) -> None:
-        # This node's identity files are outside what it ships, compares or accepts.
+    def __init__(self, cluster: ClusterConfig, node: NodeConfig, plugins: Plugins | None = None) -> None:
+        self.plugins = plugins or Plugins.load()
+        # This node's identity files (its own, and those its plugins name) are outside what it
+        # ships, compares or accepts.
+        node = replace(node, local_files=tuple(dict.fromkeys((*node.local_files,
+                                                              *self.plugins.identity_files(node.id)))))
         cluster = replace(cluster, protected=local_trees(cluster.protected, node.local_files))
         self.cluster = cluster
         self.node = node
