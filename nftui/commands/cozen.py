@@ -65,24 +65,31 @@ def _exit_code(answers: list[dict[str, Any]]) -> int:
 
 
 def _table(answers: list[dict[str, Any]], title: str) -> None:
+    """One row per node with a mark per provider; errors in full below the table (they are the fix)."""
     table = Table(title=title, title_justify="left")
-    for col in ("node", "role", "presents", "cozen name", "dns", "directory", "netbios"):
+    for col in ("node", "role", "presents", "dns", "directory", "netbios"):
         table.add_column(col)
+    problems: list[str] = []
     for a in answers:
         if "error" in a:
-            table.add_row(a["node"], "?", f"[red]{a['error']}[/]", "", "", "", "")
+            table.add_row(a["node"], "?", "[red]no answer[/]", "", "", "")
+            problems.append(f"{a['node']}: {a['error']}")
             continue
         cells = []
         for name in ("dns", "directory", "netbios"):
             p = a["providers"][name]
             if not p["configured"]:
-                cells.append("[dim]not configured[/]")
+                cells.append("[dim]-[/]")
             elif p["error"]:
-                cells.append(f"[red]{p['error']}[/]")
+                cells.append("[red]failed[/]")
+                problems.append(f"{a['node']} {name}: {p['error']}")
             elif p["registered"]:
-                cells.append("[green]registered[/]" + (", verified" if p["verified"] else ""))
+                cells.append("[green]ok[/]" + (", verified" if p["verified"] else ""))
             else:
                 cells.append(p["detail"] or "not registered")
-        table.add_row(a["node"], a["role"] or "?", a["presented"],
-                      f"{a['cozen']['fqdn']} / {a['cozen']['netbios']} @ {a['cozen']['management']}", *cells)
+        table.add_row(a["node"], a["role"] or "?", a["presented"], *cells)
     console.print(table)
+    for line in problems:
+        console.print(f"[red]{line}[/]", highlight=False)
+    if any(not p["configured"] for a in answers if "error" not in a for p in a["providers"].values()):
+        console.print("-: not configured in cluster.toml ([dns], [directory], [netbios])", markup=False, style="dim")
