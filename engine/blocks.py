@@ -67,7 +67,7 @@ def hash_file(path_or_fd: int | str | Path, block_size: int) -> bytes:
 def hash_bytes(data: bytes | memoryview, block_size: int) -> bytes:
     """Digests of a file whose whole content is `data` (the same as `hash_file` would give)."""
     view = memoryview(data)
-    return b"".join(_digest(view[off : off + block_size]) for off in range(0, len(view), block_size))
+    return b"".join([_digest(view[off : off + block_size]) for off in range(0, len(view), block_size)])
 
 
 def read_whole(fd: int, size: int) -> bytes:

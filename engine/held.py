@@ -123,8 +123,7 @@ class Held:
         if own:
             self.db.execute("BEGIN IMMEDIATE")
         try:
-            for e in entries:
-                put_shipped(self.db, e)
+            put_shipped(self.db, *entries)
         except BaseException:
             if own:
                 self.db.execute("ROLLBACK")

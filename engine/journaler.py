@@ -252,10 +252,10 @@ def shipped_entry(db: sqlite3.Connection, path: str) -> Entry | None:
     return _entry(row) if row else None
 
 
-def put_shipped(db: sqlite3.Connection, e: Entry) -> None:
-    db.execute(
+def put_shipped(db: sqlite3.Connection, *entries: Entry) -> None:
+    db.executemany(
         "INSERT OR REPLACE INTO shipped(path, kind, mode, size, mtime_ns, target, hashes) VALUES(?,?,?,?,?,?,?)",
-        (e.path, e.kind, e.mode, e.size, e.mtime_ns, e.target, e.hashes),
+        [(e.path, e.kind, e.mode, e.size, e.mtime_ns, e.target, e.hashes) for e in entries],
     )
 
 
