@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.blocks import data_extents
+from engine.blocks import data_extents, hash_bytes
 from engine.errors import PathError, ProtocolError
 from engine.held import Held, StagedDigests
 from engine.manifest import Entry
@@ -189,10 +189,11 @@ class Applier:
             except BaseException:
                 _close_stage(stage, unlink=True)
                 raise
-            if stage.digests is not None:
-                stage.digests.add(0, data)
             stage.end = size
+            stage.digests = None  # the whole content is here: hashed directly below
             self._commit(stage, size, mode, mtime_ns)
+            if self.held is not None:
+                self.held.put(Entry(path, "file", mode, size, mtime_ns, None, hash_bytes(data, self.block_size)))
             return True
         stage = self._stages.pop(gid, None) if gid is not None else None
         if stage is not None and stage.path != path:

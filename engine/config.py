@@ -69,9 +69,9 @@ class ProtectedTree:
     include: tuple[str, ...] = ()  # glob patterns for files; empty = every file
     exclude: tuple[str, ...] = ()
 
-    @property
+    @functools.cached_property
     def rel(self) -> str:
-        """The tree's path relative to a node's root, e.g. "srv/data"."""
+        """The tree's path relative to a node's root, e.g. "srv/data" (asked for every record applied)."""
         return self.path.lstrip("/")
 
     def wants(self, rel_in_tree: str, is_dir: bool) -> bool:
