@@ -27,7 +27,7 @@ from engine.channel import Channel, Link
 from engine.config import ClusterConfig, NodeConfig, load_cluster, load_node, local_trees
 from engine.cozen.manager import Cozen
 from engine.divergence import Divergence, keep_divergence, list_divergences, show_divergence
-from engine.errors import ApiError, ConfigError, NfError, ProtocolError
+from engine.errors import ApiError, ConfigError, ProtocolError
 from engine.ha import Decision, PeerView, Snapshot, decide
 from engine.identity import probe, provider_for
 from engine.journaler import Journaler

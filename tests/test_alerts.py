@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from conftest import Demo, nf, wait_for
+from conftest import Demo, wait_for
 from engine.config import load_cluster
 from engine.errors import ConfigError
 from nftui.demo import create

@@ -22,7 +22,7 @@ def init(
     provider: Annotated[str, typer.Option("--provider", help="Public identity provider: linux or local.")] = "linux",
 ) -> None:
     """Write cluster.toml, a cluster CA and a certificate per node (secrets mode 0600)."""
-    from engine.init import NodePlan, init_cluster
+    from engine.init import init_cluster
 
     with errors(False):
         plans = [_plan(spec, root, state_dir) for spec in node]
