@@ -261,22 +261,21 @@ def put_shipped(db: sqlite3.Connection, *entries: Entry) -> None:
 
 def forget_shipped(db: sqlite3.Connection, path: str) -> None:
     """`path` and everything below it."""
-    db.execute("DELETE FROM shipped WHERE path = ? OR path LIKE ? ESCAPE '\\'", (path, _under(path)))
+    db.execute(f"DELETE FROM shipped WHERE {_UNDER}", _under(path))
 
 
 def move_shipped(db: sqlite3.Connection, src: str, dst: str) -> None:
     """`src` and everything below it now live at `dst`, replacing what was there."""
     forget_shipped(db, dst)
     db.execute("UPDATE shipped SET path = ? WHERE path = ?", (dst, src))
-    db.execute("UPDATE shipped SET path = ? || substr(path, ?) WHERE path LIKE ? ESCAPE '\\'",
-               (dst, len(src) + 1, _under(src)))
+    db.execute("UPDATE shipped SET path = ? || substr(path, ?) WHERE path >= ? AND path < ?",
+               (dst, len(src) + 1, *_under(src)[1:]))
 
 
 def shipped_under(db: sqlite3.Connection, path: str) -> dict[str, Entry]:
     """The last journaled version of `path` and of everything below it."""
     rows = db.execute(
-        "SELECT path, kind, mode, size, mtime_ns, target, hashes FROM shipped WHERE path = ? OR path LIKE ? ESCAPE '\\'",
-        (path, _under(path)),
+        f"SELECT path, kind, mode, size, mtime_ns, target, hashes FROM shipped WHERE {_UNDER}", _under(path),
     )
     return {row[0]: _entry(row) for row in rows}
 
@@ -298,6 +297,10 @@ def _entry(row: tuple[Any, ...]) -> Entry:
     return Entry(path, kind, mode, size, mtime_ns, target, bytes(hashes) if hashes is not None else None)
 
 
-def _under(path: str) -> str:
-    escaped = path.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped + "/%"
+#: `path` and everything below it, as a range of the primary key (LIKE would scan the table):
+#: the paths below "a/b" are those from "a/b/" up to, not including, "a/b0" ("0" follows "/").
+_UNDER = "(path = ? OR (path >= ? AND path < ?))"
+
+
+def _under(path: str) -> tuple[str, str, str]:
+    return path, path + "/", path + "0"
