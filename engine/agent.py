@@ -221,6 +221,7 @@ class Agent:
             await asyncio.gather(self._serve_task, return_exceptions=True)
             self._serve_task = None
         await self.apps.stop_all()  # applications stop before the identity goes, as in a switchover
+        await self.cozen.close()  # stop answering for the role's names; the next role presents its own
         await self.identity.release()
         if self.receiver is not None:
             async with self.receiver.apply_lock:  # never cut a batch in half

@@ -9,10 +9,12 @@ left unanswered, as a node that does not own a name does.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
 import struct
+import time
 
 from engine.cozen import Presentation, ProviderState, Registrar
 from engine.config import NodeSpec
@@ -22,6 +24,8 @@ log = logging.getLogger("nf.netbios")
 TYPE_NB = 0x0020
 CLASS_IN = 0x0001
 TTL = 300
+#: How long a new holder of a name waits for the old one to let go of its address and port.
+BIND_PATIENCE = 5.0
 #: Suffixes answered for a name: workstation, messenger, file server (what a Windows host registers).
 SUFFIXES = (0x00, 0x03, 0x20)
 
@@ -111,20 +115,29 @@ class NetBiosRegistrar(Registrar):
             return ProviderState("netbios", registered=True, verified=True, changed=False,
                                  detail=self._detail(p.netbios, hosts))
         await self.close()
-        loop = asyncio.get_running_loop()
-        try:
-            for host in hosts:
-                transport, _ = await loop.create_datagram_endpoint(
-                    lambda h=host: _Responder({p.netbios: h}), local_addr=(host, self.port),  # type: ignore[misc]
-                    family=socket.AF_INET)
-                self._transports.append(transport)
-        except OSError as exc:
-            await self.close()
-            return ProviderState("netbios", error=f"cannot answer on UDP {self.port} of {', '.join(hosts)}: "
-                                 f"{exc.strerror or exc}" + (" (port 137 needs root)" if exc.errno == 13 else ""))
+        deadline = time.monotonic() + BIND_PATIENCE
+        while True:
+            try:
+                await self._bind(p.netbios, hosts)
+                break
+            except OSError as exc:
+                await self.close()
+                if exc.errno == errno.EADDRINUSE and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)  # the node that held these names is letting go of them
+                    continue
+                return ProviderState("netbios", error=f"cannot answer on UDP {self.port} of {', '.join(hosts)}: "
+                                     f"{exc.strerror or exc}" + (" (port 137 needs root)" if exc.errno == 13 else ""))
         self._serving = (p.netbios, hosts)
         return ProviderState("netbios", registered=True, verified=True, changed=True,
                              detail=self._detail(p.netbios, hosts))
+
+    async def _bind(self, name: str, hosts: tuple[str, ...]) -> None:
+        loop = asyncio.get_running_loop()
+        for host in hosts:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda h=host: _Responder({name: h}), local_addr=(host, self.port),  # type: ignore[misc]
+                family=socket.AF_INET)
+            self._transports.append(transport)  # type: ignore[arg-type]
 
     async def remove(self, node: NodeSpec) -> ProviderState:
         return ProviderState("netbios", registered=False, detail="a node's responder stops with its agent")
