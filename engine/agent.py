@@ -61,11 +61,10 @@ def find_cluster_config(node_toml: Path) -> Path:
 
 class Agent:
     def __init__(self, cluster: ClusterConfig, node: NodeConfig, plugins: Plugins | None = None) -> None:
-        self.plugins = plugins or Plugins.load()
+        plugins = plugins or Plugins.load()
         # This node's identity files (its own, and those its plugins name) are outside what it
         # ships, compares or accepts.
-        node = replace(node, local_files=tuple(dict.fromkeys((*node.local_files,
-                                                              *self.plugins.identity_files(node.id)))))
+        node = replace(node, local_files=tuple(dict.fromkeys((*node.local_files, *plugins.identity_files(node.id)))))
         cluster = replace(cluster, protected=local_trees(cluster.protected, node.local_files))
         self.cluster = cluster
         self.node = node

@@ -539,7 +539,7 @@ def _nodes(top: _Reader, public: PublicIdentity, dns: DnsSettings | None) -> tup
         cozen = r.text("cozen", "a host name label (letters, digits, hyphens)", default=f"{label}-nf-{node_id}")
         if not re.fullmatch(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)", cozen):
             raise r.error("cozen", "a host name label (letters, digits, hyphens)", cozen)
-        base_name = (public.netbios or label.upper().replace("_", "-"))[:11]
+        base_name = (public.netbios or label.upper())[:11]
         cozen_netbios = r.text("cozen_netbios", "a NetBIOS name of at most 15 characters [A-Z0-9-]",
                                pattern=r"[A-Z0-9-]{1,15}", default=f"{base_name}-NF{NODE_IDS.index(node_id) + 1}")
         zone = r.text("zone", "a DNS zone such as example.test", default=dns.zone if dns else domain)

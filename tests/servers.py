@@ -35,6 +35,18 @@ def ensure_packages(binaries: dict[str, str]) -> None:
     require(not still, f"needs {', '.join(still)} (Debian: apt-get install {' '.join(sorted(missing))})")
 
 
+def terminate(proc: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
+    """Stop a server the test started: SIGTERM, then SIGKILL if it lingers."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -91,13 +103,7 @@ class Bind9:
                  f"named to answer on 127.0.0.1:{self.port} (see {self.dir}/named.log)")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def lookup(self, name: str, rdtype: str) -> set[str]:
         resp = dns.query.tcp(dns.message.make_query(name, rdtype), "127.0.0.1", port=self.port, timeout=3)
@@ -164,13 +170,7 @@ class SambaAD:
                  f"samba to answer LDAPS on 127.0.0.1:636 (see {self.dir}/samba.log)")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def connect(self):  # type: ignore[no-untyped-def]
         import ssl

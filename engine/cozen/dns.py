@@ -79,25 +79,23 @@ class DnsRegistrar(Registrar):
         try:
             key = load_tsig_key(self.s.key_file)
             wanted = self._wanted(node, cozen, public)
-            changed = False
+            updated: dict[tuple[str, str], frozenset[str]] = {}
             for zone, rrsets in wanted.items():
-                current = {k: self._query(k[0], k[1]) for k in rrsets}
-                todo = {k: v for k, v in rrsets.items() if current[k] != v}
+                todo = {k: v for k, v in rrsets.items() if self._query(*k) != v}
                 if todo:
                     self._update(zone, todo, key)
-                    changed = True
-            for rrsets in wanted.values():
-                for (name, rdtype), values in rrsets.items():
-                    got = self._query(name, rdtype)
-                    if got != values:
-                        raise DnsError(f"{name} {rdtype} reads back as {sorted(got) or 'absent'} after the update, "
-                                       f"expected {sorted(values) or 'absent'}")
+                    updated.update(todo)
+            for (name, rdtype), values in updated.items():  # what was read already matched
+                got = self._query(name, rdtype)
+                if got != values:
+                    raise DnsError(f"{name} {rdtype} reads back as {sorted(got) or 'absent'} after the update, "
+                                   f"expected {sorted(values) or 'absent'}")
         except DnsError as exc:
             return ProviderState("dns", registered=False, verified=False, error=str(exc),
                                  detail=f"server {self.s.server}:{self.s.port}")
         shown = [f"{name} {rdtype} {' '.join(sorted(values)) or '(none)'}"
                  for rrsets in wanted.values() for (name, rdtype), values in rrsets.items()]
-        return ProviderState("dns", registered=True, verified=True, changed=changed, detail="; ".join(shown))
+        return ProviderState("dns", registered=True, verified=True, changed=bool(updated), detail="; ".join(shown))
 
     def _wanted(self, node: NodeSpec, cozen: bool, public: bool) -> dict[str, dict[tuple[str, str], frozenset[str]]]:
         """zone -> {(owner name, type): the values it must hold (empty: absent)}."""

@@ -37,8 +37,8 @@ def encode_name(name: str, suffix: int) -> bytes:
     return bytes([32]) + bytes(c for b in raw for c in (0x41 + (b >> 4), 0x41 + (b & 0x0F))) + b"\x00"
 
 
-def decode_question(packet: bytes) -> tuple[int, int, str, int, int, int] | None:
-    """(transaction id, flags, name, suffix, qtype, end of question) of a name query, or None."""
+def decode_question(packet: bytes) -> tuple[int, int, str, int, int] | None:
+    """(transaction id, flags, name, suffix, qtype) of a name query, or None."""
     if len(packet) < 12 + 34 + 4:
         return None
     trn_id, flags, qdcount = struct.unpack(">HHH", packet[:6])
@@ -61,7 +61,7 @@ def decode_question(packet: bytes) -> tuple[int, int, str, int, int, int] | None
         name = raw[:15].decode("ascii").rstrip(" ")
     except UnicodeDecodeError:
         return None
-    return trn_id, flags, name, raw[15], qtype, pos + 4
+    return trn_id, flags, name, raw[15], qtype
 
 
 def positive_response(trn_id: int, flags: int, name: str, suffix: int, address: str) -> bytes:
@@ -84,7 +84,7 @@ class _Responder(asyncio.DatagramProtocol):
         q = decode_question(data)
         if q is None or self.transport is None:
             return
-        trn_id, flags, name, suffix, qtype, _ = q
+        trn_id, flags, name, suffix, qtype = q
         address = self.names.get(name.upper())
         if address is None or qtype != TYPE_NB or suffix not in SUFFIXES:
             return
