@@ -179,15 +179,14 @@ class Channel:
         ctx = self.server_ctx if server_side else self.client_ctx
         sock.setblocking(True)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = await loop.run_in_executor(
+            self._pool, lambda: handshake(sock, ctx, server_side=server_side, timeout=HANDSHAKE_TIMEOUT))
         try:
-            obj, incoming, outgoing = await loop.run_in_executor(
-                self._pool, lambda: handshake(sock, ctx, server_side=server_side, timeout=HANDSHAKE_TIMEOUT))
-            node = peer_node_id(obj)  # read now: once the reader thread runs, an alert may end the session
+            node = peer_node_id(tls)  # read now: once the reader thread runs, an alert may end the session
         except BaseException:
-            sock.close()
+            tls.close()
             raise
-        stream = FrameStream(sock, obj, incoming, outgoing, self.codec_factory(), f"link-{node}")
-        return Link(node, stream, self.epoch)
+        return Link(node, FrameStream(tls, self.codec_factory(), f"link-{node}"), self.epoch)
 
     async def _handshake(self, link: Link, expect: str | None = None) -> None:
         node = link.node
