@@ -194,6 +194,34 @@ def test_a_small_new_file_arrives_whole_in_one_record_and_replaces_what_was_ther
     assert os.listdir(secondary / "srv/data/.nf-stage") == []
 
 
+def test_a_small_new_file_left_half_written_by_a_crash_is_whole_after_replay(nodes, tmp_path: Path) -> None:
+    """A new small file is written under its own name (no stage); replay must still mend it."""
+    _, secondary, _, applier = nodes
+    data = os.urandom(5000)
+    meta = {"path": "srv/data/d/new", "gid": None, "size": len(data), "mode": 0o644, "mtime_ns": 10**18,
+            "fresh": True}
+    assert applier.apply("file", meta, data) is True
+    applier.end_batch()
+    assert (secondary / "srv/data/d/new").read_bytes() == data
+    assert not (secondary / "srv/data/.nf-stage").exists(), "a new small file needs no stage"
+
+    torn = secondary / "srv/data/d/torn"  # what a crash between create and write leaves
+    torn.write_bytes(data[:100])
+    torn.chmod(0o600)
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"not ours")
+    (secondary / "srv/data/d/link").symlink_to(outside)
+    for name in ("torn", "link"):
+        assert applier.apply("file", dict(meta, path=f"srv/data/d/{name}"), data) is True
+        applier.end_batch()
+        got = secondary / "srv/data/d" / name
+        assert not got.is_symlink() and got.read_bytes() == data
+        st = os.stat(got)
+        assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o644, 10**18)
+    assert outside.read_bytes() == b"not ours"
+    assert os.listdir(secondary / "srv/data/.nf-stage") == []
+
+
 def test_inline_content_that_is_not_the_whole_file_is_refused(nodes) -> None:
     _, secondary, _, applier = nodes
     meta = {"path": "srv/data/x", "gid": None, "size": 10, "mode": 0o644, "mtime_ns": 0, "fresh": True}
