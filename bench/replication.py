@@ -137,7 +137,10 @@ def file_digest(path: Path) -> str:
 
 
 def ensure_tools() -> None:
-    """Install rsync and lsyncd with apt when missing (we run as root)."""
+    """Install rsync and lsyncd with apt when missing (we run as root); byte-compile nf."""
+    # nf byte-compiled, as an installed package is (scripts/setup.sh does the same): agents are
+    # timed from their start, which would otherwise include compiling nf's sources.
+    run([sys.executable, "-m", "compileall", "-q", str(REPO / "engine"), str(REPO / "nftui")])
     if shutil.which("rsync") and shutil.which("lsyncd"):
         return
     cmd = ["apt-get", "install", "-y", "rsync", "lsyncd"]

@@ -22,6 +22,8 @@ from engine.errors import AgentUnreachable, NfError
 
 NODE_IDS = ("primary", "secondary", "tertiary")
 START_TIMEOUT = 60.0
+#: How the demo runs an agent: `nf agent` without the console's imports (see engine.daemon).
+AGENT = (sys.executable, "-m", "engine.daemon")
 
 # Agents this process started; their exit is seen through the Popen handle, without a pid race.
 _started: dict[str, subprocess.Popen[bytes]] = {}
@@ -66,7 +68,7 @@ def pid_of(workdir: Path, node: str) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
         return None
-    if b"agent" not in cmdline or stat.rsplit(")", 1)[1].split()[0] == "Z":
+    if b"engine.daemon" not in cmdline or stat.rsplit(")", 1)[1].split()[0] == "Z":
         return None
     return pid
 
@@ -80,7 +82,7 @@ def start(workdir: Path, node: str) -> int:
         return pid
     log = open(workdir / node / "agent.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nftui", "agent", "--config", str(workdir / node / "node.toml")],
+        [*AGENT, "--config", str(workdir / node / "node.toml")],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )

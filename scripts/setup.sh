@@ -9,3 +9,6 @@ if ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# Byte-compile as a regular (non-editable) install does: where PYTHONDONTWRITEBYTECODE is set,
+# every agent start would otherwise compile nf's sources again (0.1 s of a passive's start-up).
+.venv/bin/python -m compileall -q engine nftui integrations >/dev/null

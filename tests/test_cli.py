@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,13 +20,24 @@ def test_every_command_has_help(args: list[str]) -> None:
     assert "Usage" in out and "--help" in out
 
 
-def test_agent_with_bad_config_names_the_file_and_field(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", [["nf", "agent"], [sys.executable, "-m", "engine.daemon"]], ids=["nf", "daemon"])
+def test_agent_with_bad_config_names_the_file_and_field(tmp_path: Path, command: list[str]) -> None:
+    """`nf agent` and the demo's lighter entry point (engine.daemon) fail the same way."""
     create(tmp_path, 2)
     cluster = tmp_path / "cluster.toml"
     cluster.write_text(re.sub(r'(?m)^channel = "([0-9.]+):7780"', r'channel = "\1:99999"', cluster.read_text(), count=1))
-    proc = nf("agent", "--config", str(tmp_path / "primary" / "node.toml"), check=False)
+    args = ("--config", str(tmp_path / "primary" / "node.toml"))
+    if command[0] == "nf":
+        proc = nf(*command[1:], *args, check=False)
+    else:
+        proc = subprocess.run([*command, *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert str(cluster) in proc.stderr and "nodes[0].channel" in proc.stderr
+
+
+def test_the_daemon_entry_point_has_help() -> None:
+    proc = subprocess.run([sys.executable, "-m", "engine.daemon", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--config" in proc.stdout
 
 
 def test_status_without_agents_says_so_with_exit_code_3(tmp_path: Path) -> None:
