@@ -199,12 +199,16 @@ class Sender:
         self.on_event("info", "sync_started", f"{reason} of {p.node}: {len(paths)} tree(s), journal at {head}")
         t0 = time.monotonic()
         total: list[Difference] = []
+        hashed: list[Entry] = []
         try:
             for path in paths:
                 differences = await self.compare(path, trust_journal=True)
                 total.extend(differences)
-                await self.send_repairs(differences)
+                hashed.extend(await self.ship_repairs(differences))
             await self._send([(None, "level", {"journal_id": self.journal_id, "head": head}, b"", time.time())])
+            # Kept while the passive finishes applying, not before the level record leaves: for
+            # 20,000 files that was 0.16 s added to every initial sync.
+            await asyncio.to_thread(_keep_hashes, self.db, hashed)
             while p.source != self.journal_id and not self.link.closed:  # level once it is *applied*
                 p.ack_event.clear()
                 await p.ack_event.wait()
@@ -235,8 +239,14 @@ class Sender:
         return diff(mine, theirs)
 
     async def send_repairs(self, differences: list[Difference]) -> None:
+        """Ship the repairs and keep the block hashes of every file read for them."""
+        hashed = await self.ship_repairs(differences)
+        await asyncio.to_thread(_keep_hashes, self.db, hashed)
+
+    async def ship_repairs(self, differences: list[Difference]) -> list[Entry]:
+        """Ship the repairs; returns the entries (with block hashes) of the files read for them."""
         if not differences:
-            return
+            return []
         hashed: collections.deque[Entry] = collections.deque()  # appended to by the reading thread
         gen = repair_records(self.node.root, differences, block_size=self.settings.block_size, chunk=self.chunk,
                              on_hashed=hashed.append)
@@ -253,8 +263,7 @@ class Sender:
             if not reading.done():
                 reading.cancel()
                 await asyncio.gather(reading, return_exceptions=True)
-        kept = [hashed.popleft() for _ in range(len(hashed))]
-        await asyncio.to_thread(_keep_hashes, self.db, kept)
+        return [hashed.popleft() for _ in range(len(hashed))]
 
     async def _send(self, records: list[tuple[int | None, str, dict[str, Any], bytes, float]]) -> None:
         fields, parts = pack_batch(records)
