@@ -25,8 +25,8 @@ log = logging.getLogger("nf.channel")
 
 HANDSHAKE_TIMEOUT = 10.0
 #: A peer that is not listening (yet) is dialled again this often: a refused connect costs
-#: nothing, and a passive that starts is reached in a twentieth of a second on average.
-DIAL_RETRY = 0.1
+#: nothing, and a passive that starts is reached in 25 ms on average.
+DIAL_RETRY = 0.05
 #: A peer that answers but fails the handshake or hello (wrong CA, not a peer) backs off to
 #: this: retrying cannot fix it, and every attempt is a warning in the peer's log.
 DIAL_BACKOFF_MAX = 5.0
