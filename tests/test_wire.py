@@ -1,0 +1,100 @@
+"""The TLS frame stream itself: both directions at full speed at once, and how a link ends.
+
+OpenSSL drives the socket, and the reader and writer threads share one SSL object under a
+lock, each waiting for the socket outside it. Heavy traffic both ways at once is what makes
+them meet (a write that must wait while a read is due, and the other way round), so that is
+what the first test does, checking every byte in order.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from engine.config import load_cluster, load_node
+from engine.protocol import Codec
+from engine.tls import client_context, server_context
+from engine.wire import RECV_BUFFER, SEND_BUFFER, FrameStream, handshake
+from nftui.demo import create
+
+FRAMES = 48
+MAX_FRAME = 4 << 20
+
+
+def codec() -> Codec:
+    return Codec(max_frame=MAX_FRAME, compression="none")
+
+
+async def tls_pair(workdir: Path) -> tuple[FrameStream, FrameStream]:
+    """Two ends of one mutual-TLS link over loopback TCP, as two nodes of a demo cluster."""
+    create(workdir, 2)
+    cluster = load_cluster(workdir / "cluster.toml")
+    primary, secondary = (load_node(workdir / n / "node.toml", cluster) for n in ("primary", "secondary"))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        dialled = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+    loop = asyncio.get_running_loop()
+    server, client = await asyncio.gather(
+        loop.run_in_executor(None, lambda: handshake(accepted, server_context(primary), server_side=True, timeout=10)),
+        loop.run_in_executor(None, lambda: handshake(dialled, client_context(secondary), server_side=False, timeout=10)),
+    )
+    return FrameStream(server, codec(), "test-a"), FrameStream(client, codec(), "test-b")
+
+
+def with_pair(workdir: Path, scenario: Callable[[FrameStream, FrameStream], Awaitable[None]]) -> None:
+    """Run `scenario` on a fresh link in its own event loop (the streams need a running loop)."""
+    async def main() -> None:
+        a, b = await tls_pair(workdir)
+        try:
+            await scenario(a, b)
+        finally:
+            a.close()
+            b.close()
+    asyncio.run(main())
+
+
+def frames(seed: int) -> list[bytes]:
+    """Payloads from empty to just under the frame limit, most of them larger than a TLS record."""
+    rnd = random.Random(seed)
+    sizes = [0, 1, 16383, 16384, 16385, MAX_FRAME - 4096] + [rnd.randrange(1, 3 << 20) for _ in range(FRAMES - 6)]
+    return [rnd.randbytes(n) for n in sizes]
+
+
+async def send_all(stream: FrameStream, payloads: list[bytes]) -> None:
+    for i, data in enumerate(payloads):
+        await stream.send(stream.codec.frame("recs", 7, {"i": i}, [data[: len(data) // 3], data[len(data) // 3 :]]))
+
+
+async def receive_all(stream: FrameStream, payloads: list[bytes]) -> None:
+    for i, data in enumerate(payloads):
+        msg = await asyncio.wait_for(stream.recv(), 60)
+        assert (msg.type, msg.epoch, msg.fields) == ("recs", 7, {"i": i})
+        assert hashlib.sha256(msg.payload).digest() == hashlib.sha256(data).digest(), f"frame {i} differs"
+
+
+def test_both_directions_at_full_speed_arrive_whole_and_in_order(tmp_path: Path) -> None:
+    to_b, to_a = frames(1), frames(2)
+    assert sum(map(len, to_b)) > SEND_BUFFER + RECV_BUFFER  # more than both ends can hold at once
+
+    async def scenario(a: FrameStream, b: FrameStream) -> None:
+        await asyncio.wait_for(asyncio.gather(send_all(a, to_b), receive_all(b, to_b),
+                                              send_all(b, to_a), receive_all(a, to_a)), 120)
+    with_pair(tmp_path, scenario)
+
+
+def test_a_closed_end_is_seen_by_the_peer_after_what_was_queued(tmp_path: Path) -> None:
+    async def scenario(a: FrameStream, b: FrameStream) -> None:
+        await a.send(a.codec.frame("hb", 1, {"last": True}, []))
+        a.close()
+        msg = await asyncio.wait_for(b.recv(), 10)
+        assert msg.fields == {"last": True}
+        with pytest.raises(ConnectionAbortedError, match="peer closed the channel"):
+            await asyncio.wait_for(b.recv(), 10)
+        with pytest.raises(ConnectionResetError):
+            await a.send(a.codec.frame("hb", 1, {}, []))
+    with_pair(tmp_path, scenario)
