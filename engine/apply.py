@@ -24,6 +24,7 @@ import fcntl
 import fnmatch
 import itertools
 import os
+import re
 import shutil
 import stat
 from collections.abc import Callable, Iterable
@@ -83,7 +84,8 @@ class Applier:
         self.root = Path(root)
         self.trees = tuple(trees)
         self.stage_name = stage_name
-        self._local = tuple(f.lstrip("/") for f in local_files)
+        # One regex for all node-local patterns: it is matched against every record's path.
+        self._local = re.compile("|".join(fnmatch.translate(f.lstrip("/")) for f in local_files) or "(?!)")
         self.held = held if block_size > 0 else None
         self.block_size = block_size
         self._stages: dict[int, _Stage] = {}
@@ -561,7 +563,7 @@ class Applier:
         if field not in meta:
             raise ProtocolError(f"{op}.{field}: expected a path, got nothing")
         path = check_rel_path(meta[field], self.trees, allow_tree_root=allow_tree_root, stage_name=self.stage_name)
-        if any(fnmatch.fnmatchcase(path, pattern) for pattern in self._local):
+        if self._local.match(path):
             raise PathError(path, "a node-local identity file of this clone (never replicated)")
         return path
 

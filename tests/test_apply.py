@@ -637,3 +637,18 @@ def test_entries_round_trip_through_json_and_bad_fields_are_named() -> None:
     ]:
         with pytest.raises(ProtocolError, match=message):
             Entry.from_json({**e.to_json(), field: value})
+
+
+def test_records_for_node_local_identity_files_are_refused(tmp_path: Path) -> None:
+    """Defence in depth: the active never ships them, and the passive refuses them anyway."""
+    secondary = tmp_path / "secondary"
+    (secondary / "srv/data").mkdir(parents=True)
+    applier = Applier(secondary, TREES, local_files=("/srv/data/machine-id", "/srv/data/keys/*"))
+    meta = {"gid": None, "size": 2, "mode": 0o644, "mtime_ns": 0, "fresh": True}
+    for path in ("srv/data/machine-id", "srv/data/keys/host_key"):
+        with pytest.raises(PathError, match="node-local identity file"):
+            applier.apply("file", dict(meta, path=path), b"no")
+        assert not (secondary / path).exists()
+    for path in ("srv/data/machine-id.bak", "srv/data/keysx"):
+        assert applier.apply("file", dict(meta, path=path), b"ok") is True
+        assert (secondary / path).read_bytes() == b"ok"
