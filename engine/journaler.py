@@ -273,9 +273,11 @@ def move_shipped(db: sqlite3.Connection, src: str, dst: str) -> None:
 
 
 def shipped_under(db: sqlite3.Connection, path: str) -> dict[str, Entry]:
-    """The last journaled version of `path` and of everything below it."""
+    """The last journaled version of `path` and of everything below it, parents before children
+    (in the primary key's order, which costs nothing: a path sorts before its own extensions)."""
     rows = db.execute(
-        f"SELECT path, kind, mode, size, mtime_ns, target, hashes FROM shipped WHERE {_UNDER}", _under(path),
+        f"SELECT path, kind, mode, size, mtime_ns, target, hashes FROM shipped WHERE {_UNDER} ORDER BY path",
+        _under(path),
     )
     return {row[0]: _entry(row) for row in rows}
 

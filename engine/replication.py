@@ -536,11 +536,11 @@ def _scan(root: Path, cluster: "ClusterConfig", path: str, block_size: int, stat
 
 
 def _shipped_manifest(state: State, cluster: "ClusterConfig", path: str) -> dict[str, Entry]:
-    """The active's manifest of a subtree as journaled, in walk order (parents first)."""
+    """The active's manifest of a subtree as journaled, parents first."""
     check_rel_path(path, cluster.protected, allow_tree_root=True)
     db = state.connect()
     try:
-        return {e.path: e for e in sorted(shipped_under(db, path).values(), key=lambda e: e.path.split("/"))}
+        return shipped_under(db, path)
     finally:
         db.close()
 
