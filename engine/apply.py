@@ -185,19 +185,8 @@ class Applier:
             if len(data) != size or gid is not None:
                 raise ProtocolError(f"file: {len(data)} bytes of content for a file of {size} bytes "
                                     "(expected the whole content, and no gid)")
-            if fresh and self._create_new(path, data, mode, mtime_ns):
-                if self.held is not None:
-                    self.held.put(Entry(path, "file", mode, size, mtime_ns, None, hash_bytes(data, self.block_size)))
-                return True
-            stage = self._new_stage(path, f"t{next(self._tmp)}", fresh=True)
-            try:
-                _pwrite_all(stage.fd, data, 0)
-            except BaseException:
-                _close_stage(stage, unlink=True)
-                raise
-            stage.end = size
-            stage.digests = None  # the whole content is here: hashed directly below
-            self._commit(stage, size, mode, mtime_ns)
+            if not (fresh and self._create_new(path, data, mode, mtime_ns)):
+                self._replace_whole(path, data, mode, mtime_ns)
             if self.held is not None:
                 self.held.put(Entry(path, "file", mode, size, mtime_ns, None, hash_bytes(data, self.block_size)))
             return True
@@ -355,6 +344,18 @@ class Applier:
         if self.held is not None and stat.S_ISREG(st.st_mode):
             self.held.retime(path, mode, mtime_ns)
         return True
+
+    def _replace_whole(self, path: str, data: bytes, mode: int, mtime_ns: int) -> None:
+        """Stage the whole new content and rename it over whatever is at `path`."""
+        stage = self._new_stage(path, f"t{next(self._tmp)}", fresh=True)
+        try:
+            _pwrite_all(stage.fd, data, 0)
+        except BaseException:
+            _close_stage(stage, unlink=True)
+            raise
+        stage.end = len(data)
+        stage.digests = None  # the whole content is at hand: the caller hashes it
+        self._commit(stage, len(data), mode, mtime_ns)
 
     def _create_new(self, path: str, data: bytes, mode: int, mtime_ns: int) -> bool:
         """Write a small new file straight under its name; False when the name is taken.
