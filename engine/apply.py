@@ -18,7 +18,6 @@ two per file; a crash before that commit replays the batch.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import fnmatch
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.blocks import data_extents, hash_bytes
+from engine.direct import pwrite_all, write_chunk
 from engine.errors import PathError, ProtocolError
 from engine.held import Held, StagedDigests
 from engine.manifest import Entry
@@ -54,8 +54,8 @@ MAX_OFFSET = 1 << 62
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _COPY_BYTES = 8 << 20
 
-#: A data record at least this large is handed to the disk at once (see `_start_writeback`).
-WRITEBACK_BYTES = 1 << 20
+#: A data record at least this large goes to the disk directly (see `engine.direct`).
+DIRECT_BYTES = 1 << 20
 
 
 @dataclass
@@ -166,12 +166,13 @@ class Applier:
             stage = None
         if stage is None:
             stage = self._stages[gid] = self._new_stage(path, str(gid), fresh=fresh)
-        _pwrite_all(stage.fd, data, offset)
+        if len(data) >= DIRECT_BYTES:
+            write_chunk(stage.fd, data, offset)
+        else:
+            pwrite_all(stage.fd, data, offset)
         stage.end = max(stage.end, offset + len(data))
         if stage.digests is not None:
             stage.digests.add(offset, data)
-        if len(data) >= WRITEBACK_BYTES:
-            _start_writeback(stage.fd, offset, len(data))
         return False
 
     def _file(self, meta: dict[str, Any], data: bytes) -> bool:
@@ -349,7 +350,7 @@ class Applier:
         """Stage the whole new content and rename it over whatever is at `path`."""
         stage = self._new_stage(path, f"t{next(self._tmp)}", fresh=True)
         try:
-            _pwrite_all(stage.fd, data, 0)
+            pwrite_all(stage.fd, data, 0)
         except BaseException:
             _close_stage(stage, unlink=True)
             raise
@@ -372,7 +373,7 @@ class Applier:
         except FileExistsError:
             return False
         try:
-            _pwrite_all(fd, data, 0)
+            pwrite_all(fd, data, 0)
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime_ns, mtime_ns))
         except BaseException:
@@ -603,25 +604,6 @@ def _bool(op: str, meta: dict[str, Any], field: str) -> bool:
     return value
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing a large chunk to disk now (without waiting), so the receiver's syncfs at
-    the end of the batch finds little left to flush; best effort."""
-    _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
 def _clone(src: int, dst: int, size: int) -> None:
     """Make `dst` a copy of `src`: a reflink where the file system can, else only the data
     extents (holes stay holes), then the exact size."""
@@ -645,7 +627,7 @@ def _clone(src: int, dst: int, size: int) -> None:
                     continue
             else:
                 chunk = os.pread(src, n, pos)
-                _pwrite_all(dst, chunk, pos)
+                pwrite_all(dst, chunk, pos)
                 done = len(chunk)
             if done == 0:
                 break  # the source shrank under us

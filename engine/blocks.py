@@ -15,6 +15,8 @@ from pathlib import Path
 
 import xxhash
 
+from engine.direct import pread_full, read_chunk, reads_direct
+
 __all__ = ["DIGEST_SIZE", "zero_digest", "ZERO_DIGEST", "hash_file", "changed_blocks", "read_ranges",
            "data_extents", "new_digests", "read_hashing", "hash_bytes", "read_whole", "INLINE_BYTES"]
 
@@ -72,7 +74,7 @@ def hash_bytes(data: bytes | memoryview, block_size: int) -> bytes:
 
 def read_whole(fd: int, size: int) -> bytes:
     """The first `size` bytes of a file (fewer if it shrank), in as few reads as it takes."""
-    return _pread_full(fd, size, 0)
+    return pread_full(fd, size, 0)
 
 
 def changed_blocks(old: bytes | None, new: bytes, *, block_size: int | None = None) -> list[int]:
@@ -108,7 +110,7 @@ def read_ranges(fd: int, indices: Sequence[int], block_size: int, size: int,
         pos = start
         while pos < end:
             want = min(max_chunk, end - pos)
-            data = _pread_full(fd, want, pos)
+            data = read_chunk(fd, want, pos)
             if data:
                 yield pos, data
             if len(data) < want:
@@ -170,8 +172,9 @@ def read_hashing(fd: int, block_size: int, digests: bytearray, step: int = _READ
     """Read every data extent of a file once, block-aligned, writing each block's digest into
     `digests` (from `new_digests`) and yielding (offset, data) of each read.
 
-    So a caller that ships a file hashes it on the way instead of reading it twice. The next
-    read is announced to the kernel (WILLNEED) before this one is handed out, so the disk
+    So a caller that ships a file hashes it on the way instead of reading it twice. What is not
+    cached is read from the device directly (`engine.direct`); where that cannot be done, the
+    next read is announced to the kernel (WILLNEED) before this one is handed out, so the disk
     works while the caller does. Stops early if the file shrinks.
     """
     size = len(digests) // DIGEST_SIZE * block_size
@@ -187,9 +190,9 @@ def read_hashing(fd: int, block_size: int, digests: bytearray, step: int = _READ
         stop = min(last * block_size, size)
         while pos < stop:
             want = min(step, stop - pos)
-            if pos + want < stop:
+            if pos + want < stop and not reads_direct():
                 os.posix_fadvise(fd, pos + want, 2 * step, os.POSIX_FADV_WILLNEED)
-            buf = _pread_full(fd, want, pos)
+            buf = read_chunk(fd, want, pos)
             view = memoryview(buf)
             for off in range(0, len(buf), block_size):
                 i = (pos + off) // block_size
@@ -200,21 +203,6 @@ def read_hashing(fd: int, block_size: int, digests: bytearray, step: int = _READ
                 return  # the file shrank while we read it
             pos += len(buf)
         done = last
-
-
-def _pread_full(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) == length or not data:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < length:
-        more = os.pread(fd, length - got, offset + got)
-        if not more:
-            break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
 
 
 def _runs(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
