@@ -31,7 +31,7 @@ from engine.manifest import Entry, scan_tree
 from engine.paths import check_rel_path, tree_of
 from engine.protocol import Message
 from engine.state import State, read_journal
-from engine.sync import Difference, diff, repair_records
+from engine.sync import Difference, diff, lanes, repair_records
 
 if TYPE_CHECKING:
     from engine.config import ClusterConfig, NodeConfig
@@ -244,10 +244,26 @@ class Sender:
         await asyncio.to_thread(_keep_hashes, self.db, hashed)
 
     async def ship_repairs(self, differences: list[Difference]) -> list[Entry]:
-        """Ship the repairs; returns the entries (with block hashes) of the files read for them."""
+        """Ship the repairs; returns the entries (with block hashes) of the files read for them.
+
+        Directories and the like go first; then small and large files travel in two lanes at
+        once (`engine.sync.lanes`), each read one batch ahead in its own thread.
+        """
+        hashed: collections.deque[Entry] = collections.deque()  # appended to by the reading threads
+        first, small, large = lanes(differences)
+        await self._ship_lane(first, hashed)
+        both = [asyncio.ensure_future(self._ship_lane(lane, hashed)) for lane in (small, large)]
+        try:
+            await asyncio.gather(*both)  # the first failure is raised as it is, not in a group
+        finally:
+            for task in both:
+                task.cancel()
+            await asyncio.gather(*both, return_exceptions=True)
+        return [hashed.popleft() for _ in range(len(hashed))]
+
+    async def _ship_lane(self, differences: list[Difference], hashed: collections.deque[Entry]) -> None:
         if not differences:
-            return []
-        hashed: collections.deque[Entry] = collections.deque()  # appended to by the reading thread
+            return
         gen = repair_records(self.node.root, differences, block_size=self.settings.block_size, chunk=self.chunk,
                              on_hashed=hashed.append)
         reading = asyncio.ensure_future(asyncio.to_thread(_take, gen))
@@ -263,7 +279,6 @@ class Sender:
             if not reading.done():
                 reading.cancel()
                 await asyncio.gather(reading, return_exceptions=True)
-        return [hashed.popleft() for _ in range(len(hashed))]
 
     async def _send(self, records: list[tuple[int | None, str, dict[str, Any], bytes, float]]) -> None:
         fields, parts = pack_batch(records)

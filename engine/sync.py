@@ -54,6 +54,33 @@ def diff(active: dict[str, Entry], passive: dict[str, Entry]) -> list[Difference
     return out
 
 
+#: Files at least this large travel in their own lane during a repair (see `lanes`).
+LARGE_FILE = 1 << 20
+
+
+def lanes(differences: list[Difference]) -> tuple[list[Difference], list[Difference], list[Difference]]:
+    """Split a repair list into what must go first and two lanes that may travel side by side.
+
+    First: extras and everything that is not a file on the active (directories, symlinks), in
+    order, so every parent exists before anything lands in it. Then the small files and the large
+    ones, each in order: the large lane waits on the disk, the small one on the CPU and on many
+    short reads, and shipped together each fills the other's gaps (a sync of 1 GiB in 8 files and
+    20,000 small ones was the sum of the two).
+    """
+    first: list[Difference] = []
+    small: list[Difference] = []
+    large: list[Difference] = []
+    for d in differences:
+        a = d.active
+        if a is None or a.kind != "file":
+            first.append(d)
+        elif a.size >= LARGE_FILE:
+            large.append(d)
+        else:
+            small.append(d)
+    return first, small, large
+
+
 def repair_records(root: Path, differences: list[Difference], *, block_size: int, chunk: int,
                    on_hashed: Callable[[Entry], None] | None = None) -> Iterator[Record]:
     """Records that turn the passive's version of each differing path into the active's.

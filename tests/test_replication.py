@@ -98,6 +98,31 @@ def _intact(path: Path) -> bool:
     return hashlib.blake2b(raw[32:], digest_size=32).digest() == raw[:32]
 
 
+def test_a_new_passive_gets_a_mixed_tree_whole_with_small_and_large_files_side_by_side(demo: Demo) -> None:
+    """The initial sync ships small and large files in two lanes at once (engine.sync.lanes)."""
+    from nftui.demo import create
+
+    demo.workdir.mkdir(parents=True)
+    create(demo.workdir, 2)
+    d = demo.data("primary")
+    for i in range(30):
+        sub = d / f"dir{i:02d}" / "nested"
+        sub.mkdir(parents=True)
+        for j in range(40):
+            (sub / f"s{j:02d}").write_bytes(os.urandom(j * 97))  # empty to a few KiB
+        _self_checking(sub.parent / f"big{i:02d}", (1 << 20) + i * 4099)  # unaligned tails
+        os.symlink(f"nested/s{i:02d}", sub.parent / "link")
+        os.chmod(sub / "s01", 0o600)
+    with open(d / "sparse", "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(40 << 20)
+        f.write(os.urandom(3 << 20))
+    demo.up(nodes=2)  # the secondary joins a primary that already holds everything
+    demo.wait_equal(300, nodes=("secondary",))
+    assert all(_intact(f) for f in demo.data("secondary").glob("dir*/big*"))
+    assert any(e["kind"] == "sync_done" for e in demo.events("primary"))
+
+
 def test_passive_killed_mid_transfer_restarts_without_torn_or_lost_files(demo: Demo) -> None:
     demo.up(nodes=2)
     d = demo.data("primary")
