@@ -115,14 +115,14 @@ class Codec:
         body = await reader.readexactly(frame_len)
         return self.decode_body(body)
 
-    def decode_body(self, body: bytes | bytearray) -> Message:
+    def decode_body(self, body: bytes | bytearray | memoryview) -> Message:
         """A frame's body as a Message; the payload is a view of `body`, not a copy."""
         flags = body[0]
         (header_len,) = struct.unpack(">I", body[1:5])
         if header_len > HEADER_MAX or 5 + header_len > len(body):
             raise ProtocolError(f"header length {header_len} invalid")
         try:
-            header = json.loads(body[5 : 5 + header_len])
+            header = json.loads(bytes(body[5 : 5 + header_len]))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ProtocolError(f"header is not JSON: {exc}") from None
         if not isinstance(header, dict):

@@ -24,7 +24,9 @@ import select
 import socket
 import ssl
 import struct
+import sys
 import threading
+import time
 from collections.abc import Sequence
 
 from engine.errors import ProtocolError
@@ -82,6 +84,7 @@ class FrameStream:
         self._frames: asyncio.Queue[Message | BaseException] = asyncio.Queue()
         self._room = asyncio.Event()
         self._failed: BaseException | None = None
+        self._bodies = _Bodies()
         self._writer = threading.Thread(target=self._write_loop, name=f"{name}-tx", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name=f"{name}-rx", daemon=True)
         self._writer.start()
@@ -185,7 +188,7 @@ class FrameStream:
                     break
                 (frame_len,) = struct.unpack(">I", head)
                 self.codec.check_frame_length(frame_len)
-                body = self._read_exact(frame_len)
+                body = self._read_exact(frame_len, self._bodies.take(frame_len))
                 if body is None:
                     end = ConnectionAbortedError("peer closed the channel in the middle of a frame")
                     break
@@ -208,9 +211,11 @@ class FrameStream:
             pass
         self._fail(end)
 
-    def _read_exact(self, n: int) -> bytearray | None:
-        """n bytes of plaintext, or None at a clean end of the stream before the first byte."""
-        buf = bytearray(n)
+    def _read_exact(self, n: int, buf: bytearray | memoryview | None = None) -> bytearray | memoryview | None:
+        """n bytes of plaintext (into `buf` when given, of length n), or None at a clean end of
+        the stream before the first byte."""
+        if buf is None:
+            buf = bytearray(n)
         view = memoryview(buf)
         got = 0
         while got < n:
@@ -257,6 +262,47 @@ class FrameStream:
         if threading.current_thread() is self._reader:
             self._writer.join(timeout=_CLOSE_GRACE)
             self._sock.close()
+
+
+class _Bodies:
+    """Buffers for large frame bodies, reused once nothing refers to them any more.
+
+    A fresh bytearray of megabytes per frame costs a zero-fill and a page fault per page, for
+    every frame; on a virtual machine whose host reclaims free guest memory each fault is also a
+    trip to the host (about a tenth of a passive's CPU in a sync). Every payload and record
+    sliced from a body holds a reference to its buffer, so a pooled buffer referred to by the
+    pool alone is free again. Buffers idle for IDLE seconds are let go.
+    """
+
+    MIN = 1 << 20  # smaller bodies are allocated as they come
+    MAX_BUFFERS = 12  # about RECV_BUFFER of frames waiting, and a few being applied
+    IDLE = 10.0
+
+    def __init__(self) -> None:
+        self._pool: list[list] = []  # [buffer, monotonic time it was last handed out]
+        self._trimmed = time.monotonic()
+
+    def take(self, n: int) -> bytearray | memoryview:
+        now = time.monotonic()
+        if now - self._trimmed > 1.0:
+            self._trimmed = now
+            self._pool = [e for e in self._pool if now - e[1] < self.IDLE or not self._free(e)]
+        if n < self.MIN:
+            return bytearray(n)
+        for entry in self._pool:
+            if len(entry[0]) >= n and self._free(entry):
+                entry[1] = now
+                return memoryview(entry[0])[:n]
+        if len(self._pool) >= self.MAX_BUFFERS:
+            return bytearray(n)
+        buf = bytearray(-(-n // self.MIN) * self.MIN)
+        self._pool.append([buf, now])
+        return memoryview(buf)[:n]
+
+    @staticmethod
+    def _free(entry: list) -> bool:
+        buf = entry[0]
+        return sys.getrefcount(buf) == 3  # the pool's entry, `buf` and the argument: no view of it is left
 
 
 def _coalesce(parts: Sequence[Buffer]) -> list[Buffer]:

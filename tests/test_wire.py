@@ -19,7 +19,7 @@ import pytest
 from engine.config import load_cluster, load_node
 from engine.protocol import Codec
 from engine.tls import client_context, server_context
-from engine.wire import RECV_BUFFER, SEND_BUFFER, FrameStream, handshake
+from engine.wire import RECV_BUFFER, SEND_BUFFER, FrameStream, _Bodies, handshake
 from nftui.demo import create
 
 FRAMES = 48
@@ -98,3 +98,33 @@ def test_a_closed_end_is_seen_by_the_peer_after_what_was_queued(tmp_path: Path) 
         with pytest.raises(ConnectionResetError):
             await a.send(a.codec.frame("hb", 1, {}, []))
     with_pair(tmp_path, scenario)
+
+
+def test_payloads_still_held_keep_their_bytes_while_later_frames_reuse_freed_buffers(tmp_path: Path) -> None:
+    """Large frame bodies come from reused buffers; one is reused only when no payload refers to it."""
+    held_payloads = frames(3)[6:26]  # 20 frames of up to 3 MiB: more than the pool keeps
+
+    async def scenario(a: FrameStream, b: FrameStream) -> None:
+        sender = asyncio.ensure_future(send_all(a, held_payloads + held_payloads))
+        kept = [await asyncio.wait_for(b.recv(), 60) for _ in held_payloads]
+        for i, (msg, data) in enumerate(zip(kept, held_payloads)):
+            assert bytes(msg.payload) == data, f"frame {i} was overwritten while still held"
+        del kept, msg
+        again = [await asyncio.wait_for(b.recv(), 60) for _ in held_payloads]
+        await sender
+        assert [bytes(m.payload) for m in again] == held_payloads
+    with_pair(tmp_path, scenario)
+
+
+def test_a_body_buffer_is_handed_out_again_only_once_let_go() -> None:
+    bodies = _Bodies()
+    first = bodies.take(2 << 20)
+    first[:4] = b"mark"
+    held = first[:4]
+    del first
+    second = bodies.take(2 << 20)
+    assert bytes(second[:4]) != b"mark", "a buffer still referred to was handed out again"
+    del held, second
+    third = bodies.take(2 << 20)
+    assert bytes(third[:4]) == b"mark", "a buffer nothing refers to was not reused"
+    assert isinstance(bodies.take(100), bytearray), "small bodies are not pooled"
