@@ -275,6 +275,7 @@ class _Bodies:
     """
 
     MIN = 1 << 20  # smaller bodies are allocated as they come
+    SIZE = 5 << 20  # a batch of 4 MiB with its header fits: buffers of one size fit every batch
     MAX_BUFFERS = 12  # about RECV_BUFFER of frames waiting, and a few being applied
     IDLE = 10.0
 
@@ -295,7 +296,7 @@ class _Bodies:
                 return memoryview(entry[0])[:n]
         if len(self._pool) >= self.MAX_BUFFERS:
             return bytearray(n)
-        buf = bytearray(-(-n // self.MIN) * self.MIN)
+        buf = bytearray(max(self.SIZE, -(-n // self.MIN) * self.MIN))
         self._pool.append([buf, now])
         return memoryview(buf)[:n]
 
