@@ -170,11 +170,14 @@ def _nonzero_runs(pos: int, buf: bytes, digests: bytearray, block_size: int,
 
 
 class _Prefetch:
-    """Asks the kernel to start reading the next files of a repair list (POSIX_FADV_WILLNEED)."""
+    """Asks the kernel to start reading the next small files of a repair list (WILLNEED).
+
+    Large files are left out: they are read chunk by chunk, directly where not cached
+    (`engine.direct`), and announcing them would pull their start through the page cache.
+    """
 
     FILES = 64
     BYTES = 32 << 20
-    HEAD = 4 << 20  # of a large file only the start: read_hashing announces the rest as it goes
 
     def __init__(self, base: str, differences: list[Difference]) -> None:
         self.base = base
@@ -190,8 +193,8 @@ class _Prefetch:
                and self.pending < self.BYTES):
             d, size = self.differences[self.next], 0
             a = d.active
-            if d.kind != "extra" and a is not None and a.kind == "file" and a.size:
-                size = min(a.size, self.HEAD)
+            if d.kind != "extra" and a is not None and a.kind == "file" and 0 < a.size < LARGE_FILE:
+                size = a.size
                 self._announce(a.path, size)
             self.announced.append((self.next, size))
             self.pending += size
