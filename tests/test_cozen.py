@@ -329,6 +329,42 @@ def test_each_node_has_a_computer_object_enabled_while_passive(demo: Demo, samba
     assert t is not None and int(t["userAccountControl"][0]) & 2, "disabled (on_remove = disable)"
 
 
+def test_nodes_registering_at_once_share_the_new_ou(demo: Demo, samba: SambaAD) -> None:
+    """Every passive of a new cluster presents at start-up: whoever misses the OU creates it,
+    and losing that race is no error (it cost a node its computer object until the next try)."""
+    import dataclasses
+    import threading
+
+    from engine.cozen.directory import DirectoryRegistrar
+
+    _with_directory(demo, samba)
+    cluster = load_cluster(demo.config)
+    assert cluster.directory is not None
+    for attempt in range(20):  # the race is in timing: twenty new OUs make losing it near certain
+        base = f"OU=nf-race{attempt},{samba.BASE}"
+        settings = dataclasses.replace(cluster.directory, base=base)
+        start = threading.Barrier(len(cluster.nodes))
+        states: dict[str, Any] = {}
+
+        def register(node: Any) -> None:
+            registrar = DirectoryRegistrar(settings, cluster.name)
+            start.wait()
+            states[node.id] = registrar._run(node, "enable")
+
+        threads = [threading.Thread(target=register, args=(n,)) for n in cluster.nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert {n: s.error for n, s in states.items()} == {n.id: "" for n in cluster.nodes}, base
+        conn = samba.connect()
+        assert conn.search(base, "(objectClass=computer)", attributes=["sAMAccountName"]), conn.result
+        assert sorted(str(e.sAMAccountName) for e in conn.entries) == sorted(f"{n.cozen_netbios}$" for n in cluster.nodes)
+        for dn in [e.entry_dn for e in conn.entries] + [base]:  # the next round starts without them
+            assert conn.delete(dn), conn.result
+        conn.unbind()
+
+
 def test_a_directory_refusal_reaches_the_operator_in_the_servers_words(demo: Demo, samba: SambaAD) -> None:
     _with_directory(demo, samba, url="ldap://127.0.0.1")  # StartTLS this time
     s = load_cluster(demo.config).node("secondary")

@@ -92,6 +92,8 @@ class DirectoryRegistrar(Registrar):
         if conn.result.get("description") != "noSuchObject":
             raise DirectoryError(f"cannot read {self.s.base}: {_said(conn)}")
         if not conn.add(self.s.base, ["top", "organizationalUnit"]):
+            if conn.result.get("description") == "entryAlreadyExists":
+                return  # another node created it since the search: nodes present at once
             raise DirectoryError(f"the directory refused to create {self.s.base}: {_said(conn)}")
 
     def _wanted(self, node: NodeSpec, action: str) -> dict[str, Any]:
