@@ -54,9 +54,6 @@ MAX_OFFSET = 1 << 62
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _COPY_BYTES = 8 << 20
 
-#: A data record at least this large goes to the disk directly (see `engine.direct`).
-DIRECT_BYTES = 1 << 20
-
 
 @dataclass
 class _Stage:
@@ -166,10 +163,7 @@ class Applier:
             stage = None
         if stage is None:
             stage = self._stages[gid] = self._new_stage(path, str(gid), fresh=fresh)
-        if len(data) >= DIRECT_BYTES:
-            write_chunk(stage.fd, data, offset)
-        else:
-            pwrite_all(stage.fd, data, offset)
+        write_chunk(stage.fd, data, offset)  # large chunks around the page cache (engine.direct)
         stage.end = max(stage.end, offset + len(data))
         if stage.digests is not None:
             stage.digests.add(offset, data)

@@ -9,7 +9,8 @@ I/O itself (writing 512 MiB on the machine in bench/: 1.6 CPU-s buffered, 0.2 di
 
 A chunk that is mostly cached already is read through the cache, which is faster than the
 device (`cachestat`, Linux 6.5; without it every read stays buffered). Small and unaligned
-I/O stays buffered, and so does everything once a file system has refused O_DIRECT.
+I/O (under DIRECT_MIN) stays buffered, and so does everything once a file system has refused
+O_DIRECT.
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ __all__ = ["ALIGN", "read_chunk", "write_chunk", "reads_direct", "pread_full", "
 #: Offsets, lengths and memory of direct I/O are aligned to this (a page: enough for every
 #: logical block size a Linux file system asks for).
 ALIGN = 4096
+
+#: Chunks smaller than this stay buffered: for them the device's latency outweighs the copy.
+DIRECT_MIN = 1 << 20
 
 #: One bounce buffer: data from the channel sits at any address, the device wants it aligned.
 BUFFER_BYTES = 4 << 20
@@ -60,7 +64,7 @@ _spare_lock = threading.Lock()
 def read_chunk(fd: int, length: int, offset: int) -> bytes:
     """`length` bytes at `offset` (fewer at the end of the file): from the device when they are
     not cached, through the page cache when they are or when this cannot be told."""
-    if _reads_direct and length >= ALIGN and offset % ALIGN == 0 and not _mostly_cached(fd, offset, length):
+    if _reads_direct and length >= DIRECT_MIN and offset % ALIGN == 0 and not _mostly_cached(fd, offset, length):
         data = _read_direct(fd, length, offset)
         if data is not None:
             return data
@@ -71,7 +75,7 @@ def write_chunk(fd: int, data: bytes | memoryview, offset: int) -> None:
     """Write all of `data` at `offset`: its aligned part directly where that can be done, the rest
     (a file's tail, or everything on a file system without O_DIRECT) through the page cache."""
     view = memoryview(data).cast("B")
-    if _writes_direct and offset % ALIGN == 0 and len(view) >= ALIGN:
+    if _writes_direct and offset % ALIGN == 0 and len(view) >= DIRECT_MIN:
         done = _write_direct(fd, view[: len(view) // ALIGN * ALIGN], offset)
         view, offset = view[done:], offset + done
     pwrite_all(fd, view, offset)
