@@ -259,7 +259,7 @@ class Sender:
             for task in both:
                 task.cancel()
             await asyncio.gather(*both, return_exceptions=True)
-        return [hashed.popleft() for _ in range(len(hashed))]
+        return list(hashed)  # every reading thread is done: both lanes were awaited
 
     async def _ship_lane(self, differences: list[Difference], hashed: collections.deque[Entry]) -> None:
         if not differences:
