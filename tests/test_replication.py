@@ -149,6 +149,8 @@ def test_active_killed_with_sigkill_loses_nothing_it_journaled(demo: Demo) -> No
     demo.config.write_text(re.sub(r"(?m)^\[heartbeat\].*$", "[heartbeat]\nfailover_timeout = 60",
                                   demo.config.read_text()))
     demo.up(nodes=2)
+    # after the new journal's baseline: a file written during that walk is in the baseline, not a record
+    wait_for(lambda: any(e["kind"] == "baseline" for e in demo.events("primary")), 60, "the primary's baseline")
     d = demo.data("primary")
     for i in range(300):
         (d / f"j{i:03d}").write_text(f"record {i}\n")
