@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
 import itertools
 import json
 import logging
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from engine.apply import Applier
 from engine.channel import Link
 from engine.errors import NfError, PathError, ProtocolError
+from engine.flush import EarlyFlush, syncfs
 from engine.held import Held
 from engine.journaler import fill_hashes, shipped_entry, shipped_under
 from engine.manifest import Entry, scan_tree
@@ -317,6 +317,7 @@ class Receiver:
         self.queued = asyncio.Event()
         self.applied_event = asyncio.Event()
         self.apply_lock = asyncio.Lock()
+        self.early_flush = EarlyFlush(node.root)
         self.received_seq = state.get_int("received_seq", state.get_int("applied_seq"))
         self.link: Link | None = None
         self.last_error = ""
@@ -402,6 +403,7 @@ class Receiver:
         finally:
             self.applier.end_batch()
             self.held.flush()
+            self.early_flush.kick()
 
     def _refused(self, op: str, seq: int | None, exc: Exception) -> None:
         self.last_error = str(exc)
@@ -457,7 +459,7 @@ class Receiver:
         self.applier.end_batch()
         if done_id == self._done_id:
             return True  # a unit still in progress, or a retry after an I/O error
-        _syncfs(self.node.root)
+        syncfs(self.node.root)
         db.execute("BEGIN IMMEDIATE")
         self.held.flush()
         db.execute("DELETE FROM recvq WHERE id <= ?", (done_id,))
@@ -476,19 +478,6 @@ class Receiver:
             )
         except sqlite3.Error:
             pass
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _syncfs(path: Path) -> None:
-    """Flush the file system holding the replica before the applied position is committed."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            os.sync()
-    finally:
-        os.close(fd)
 
 
 def _enqueue(db: sqlite3.Connection, records: list[tuple[int | None, str, dict[str, Any], bytes, float]],
