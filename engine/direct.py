@@ -21,7 +21,9 @@ import mmap
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+
+from engine.buffers import BufferPool, is_aligned
 
 __all__ = ["ALIGN", "read_chunk", "write_chunk", "reads_direct", "pread_full", "pwrite_all"]
 
@@ -57,13 +59,17 @@ class _Cachestat(ctypes.Structure):
 
 _reads_direct = hasattr(os, "O_DIRECT")
 _writes_direct = hasattr(os, "O_DIRECT")
+_read_buffers = BufferPool(BUFFER_BYTES, 10)  # direct reads on their way to a passive: about SEND_BUFFER of them
 _spare: list[mmap.mmap] = []  # bounce buffers not in use
 _spare_lock = threading.Lock()
 
 
-def read_chunk(fd: int, length: int, offset: int) -> bytes:
+def read_chunk(fd: int, length: int, offset: int) -> bytes | memoryview:
     """`length` bytes at `offset` (fewer at the end of the file): from the device when they are
-    not cached, through the page cache when they are or when this cannot be told."""
+    not cached, through the page cache when they are or when this cannot be told.
+
+    A direct read comes back as a view of a pooled buffer (`engine.buffers`), which is reused
+    once the caller and whoever it hands the data to let go of it."""
     if _reads_direct and length >= DIRECT_MIN and offset % ALIGN == 0 and not _mostly_cached(fd, offset, length):
         data = _read_direct(fd, length, offset)
         if data is not None:
@@ -76,7 +82,9 @@ def write_chunk(fd: int, data: bytes | memoryview, offset: int) -> None:
     (a file's tail, or everything on a file system without O_DIRECT) through the page cache."""
     view = memoryview(data).cast("B")
     if _writes_direct and offset % ALIGN == 0 and len(view) >= DIRECT_MIN:
-        done = _write_direct(fd, view[: len(view) // ALIGN * ALIGN], offset)
+        aligned = view[: len(view) // ALIGN * ALIGN]
+        # Data received into a pooled (page-aligned) frame buffer goes to the device as it is.
+        done = _write_direct(fd, aligned, offset, bounce=not is_aligned(aligned, ALIGN))
         view, offset = view[done:], offset + done
     pwrite_all(fd, view, offset)
     if len(view) >= WRITEBACK_BYTES:
@@ -123,9 +131,25 @@ def _mostly_cached(fd: int, offset: int, length: int) -> bool:
     return st.nr_cache * ALIGN * 2 >= length
 
 
-def _read_direct(fd: int, length: int, offset: int) -> bytes | None:
-    """The bytes, read directly and copied out of a bounce buffer; None if refused."""
+def _read_direct(fd: int, length: int, offset: int) -> bytes | memoryview | None:
+    """The bytes, read directly into a pooled buffer, or (when none is free) copied out of a
+    bounce buffer; None if refused."""
     global _reads_direct
+    whole = -(-length // ALIGN) * ALIGN
+    pooled = _read_buffers.take(whole)
+    if pooled is not None:
+        with _direct_mode(fd) as ok:
+            if not ok:
+                _reads_direct = False
+                return None
+            try:
+                n = os.preadv(fd, [pooled], offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                _reads_direct = False
+                return None
+        return pooled[: min(n, length)]
     parts = []
     with _direct_mode(fd) as ok, _bounce() as buf:
         if not ok:
@@ -149,19 +173,25 @@ def _read_direct(fd: int, length: int, offset: int) -> bytes | None:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _write_direct(fd: int, view: memoryview, offset: int) -> int:
-    """Bytes of `view` (a whole number of ALIGN) written directly; fewer after a refusal."""
+def _write_direct(fd: int, view: memoryview, offset: int, *, bounce: bool) -> int:
+    """Bytes of `view` (a whole number of ALIGN) written directly, through a bounce buffer
+    unless `view` is aligned in memory already; fewer after a refusal."""
     global _writes_direct
     done = 0
-    with _direct_mode(fd) as ok, _bounce() as buf:
+    with _direct_mode(fd) as ok, (_bounce() if bounce else nullcontext()) as buf:
         if not ok:
             _writes_direct = False
             return 0
         while done < len(view):
-            n = min(BUFFER_BYTES, len(view) - done)
-            buf[:n] = view[done : done + n]
+            if bounce:
+                n = min(BUFFER_BYTES, len(view) - done)
+                buf[:n] = view[done : done + n]
+                chunk = buf[:n]
+            else:
+                chunk = view[done:]
+                n = len(chunk)
             try:
-                written = os.pwrite(fd, buf[:n], offset + done)
+                written = os.pwrite(fd, chunk, offset + done)
             except OSError as exc:
                 if exc.errno != errno.EINVAL or done:
                     raise

@@ -27,6 +27,10 @@ _HEAD = struct.Struct(">IBI")
 HEADER_MAX = 1 << 20
 MIN_COMPRESS = 512
 SAMPLE = 64 << 10
+#: An uncompressed payload of at least ALIGN_FROM bytes starts at a multiple of PAYLOAD_ALIGN in
+#: the frame's body (see `Codec.frame`).
+PAYLOAD_ALIGN = 4096
+ALIGN_FROM = 1 << 20
 
 Buffer = bytes | bytearray | memoryview
 
@@ -85,6 +89,12 @@ class Codec:
             packed = self._cctx.compress(b"".join(parts))
             if len(packed) < size:
                 parts, size, flags = [packed], len(packed), FLAG_ZSTD
+        if not flags and size >= ALIGN_FROM:
+            # Pad the header (JSON allows trailing blanks) so the payload starts on a page of
+            # the receiver's page-aligned body buffer: its data is then written to disk as it is.
+            pad = -(5 + len(raw_header)) % PAYLOAD_ALIGN
+            if len(raw_header) + pad <= HEADER_MAX:
+                raw_header += b" " * pad
         frame_len = 1 + 4 + len(raw_header) + size
         if frame_len > self.max_frame + HEADER_MAX:
             raise ProtocolError(f"frame of {frame_len} bytes exceeds the limit of {self.max_frame}")

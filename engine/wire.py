@@ -24,11 +24,10 @@ import select
 import socket
 import ssl
 import struct
-import sys
 import threading
-import time
 from collections.abc import Sequence
 
+from engine.buffers import BufferPool
 from engine.errors import ProtocolError
 from engine.protocol import Codec, Message
 
@@ -39,6 +38,11 @@ RECV_BUFFER = 32 << 20
 _COALESCE = 256 << 10  # small frame parts are joined up to this size: one TLS write, fewer records
 _SLICE = 256 << 10  # at most this much is encrypted per hold of the SSL lock: the reader waits less
 _CLOSE_GRACE = 2.0
+# Large frame bodies are received into reused, page-aligned buffers (`engine.buffers`): a batch
+# of 4 MiB with its header fits one, and about RECV_BUFFER of them wait while a few are applied.
+_POOLED_MIN = 1 << 20
+_BODY_BYTES = 5 << 20
+_BODIES = 12
 
 Buffer = bytes | bytearray | memoryview
 
@@ -84,7 +88,7 @@ class FrameStream:
         self._frames: asyncio.Queue[Message | BaseException] = asyncio.Queue()
         self._room = asyncio.Event()
         self._failed: BaseException | None = None
-        self._bodies = _Bodies()
+        self._bodies = BufferPool(_BODY_BYTES, _BODIES)
         self._writer = threading.Thread(target=self._write_loop, name=f"{name}-tx", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name=f"{name}-rx", daemon=True)
         self._writer.start()
@@ -188,7 +192,8 @@ class FrameStream:
                     break
                 (frame_len,) = struct.unpack(">I", head)
                 self.codec.check_frame_length(frame_len)
-                body = self._read_exact(frame_len, self._bodies.take(frame_len))
+                pooled = self._bodies.take(frame_len) if frame_len >= _POOLED_MIN else None
+                body = self._read_exact(frame_len, pooled)
                 if body is None:
                     end = ConnectionAbortedError("peer closed the channel in the middle of a frame")
                     break
@@ -262,48 +267,6 @@ class FrameStream:
         if threading.current_thread() is self._reader:
             self._writer.join(timeout=_CLOSE_GRACE)
             self._sock.close()
-
-
-class _Bodies:
-    """Buffers for large frame bodies, reused once nothing refers to them any more.
-
-    A fresh bytearray of megabytes per frame costs a zero-fill and a page fault per page, for
-    every frame; on a virtual machine whose host reclaims free guest memory each fault is also a
-    trip to the host (about a tenth of a passive's CPU in a sync). Every payload and record
-    sliced from a body holds a reference to its buffer, so a pooled buffer referred to by the
-    pool alone is free again. Buffers idle for IDLE seconds are let go.
-    """
-
-    MIN = 1 << 20  # smaller bodies are allocated as they come
-    SIZE = 5 << 20  # a batch of 4 MiB with its header fits: buffers of one size fit every batch
-    MAX_BUFFERS = 12  # about RECV_BUFFER of frames waiting, and a few being applied
-    IDLE = 10.0
-
-    def __init__(self) -> None:
-        self._pool: list[list] = []  # [buffer, monotonic time it was last handed out]
-        self._trimmed = time.monotonic()
-
-    def take(self, n: int) -> bytearray | memoryview:
-        now = time.monotonic()
-        if now - self._trimmed > 1.0:
-            self._trimmed = now
-            self._pool = [e for e in self._pool if now - e[1] < self.IDLE or not self._free(e)]
-        if n < self.MIN:
-            return bytearray(n)
-        for entry in self._pool:
-            if len(entry[0]) >= n and self._free(entry):
-                entry[1] = now
-                return memoryview(entry[0])[:n]
-        if len(self._pool) >= self.MAX_BUFFERS:
-            return bytearray(n)
-        buf = bytearray(max(self.SIZE, -(-n // self.MIN) * self.MIN))
-        self._pool.append([buf, now])
-        return memoryview(buf)[:n]
-
-    @staticmethod
-    def _free(entry: list) -> bool:
-        buf = entry[0]
-        return sys.getrefcount(buf) == 3  # the pool's entry, `buf` and the argument: no view of it is left
 
 
 def _coalesce(parts: Sequence[Buffer]) -> list[Buffer]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine import direct
+from engine.buffers import BufferPool
 from tests.conftest import require
 
 MIB = 1 << 20
@@ -40,6 +41,7 @@ def evict(path: Path) -> None:
 def fresh_module_state(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(direct, "_reads_direct", True)
     monkeypatch.setattr(direct, "_writes_direct", True)
+    monkeypatch.setattr(direct, "_spare", [])
 
 
 def test_a_large_write_lands_whole_and_leaves_the_cache_alone(tmp_path: Path) -> None:
@@ -55,6 +57,24 @@ def test_a_large_write_lands_whole_and_leaves_the_cache_alone(tmp_path: Path) ->
     cached = resident(f)  # before anything reads the file back
     assert cached <= 2 * direct.ALIGN, f"{cached} bytes of a direct write stayed in the page cache"
     assert f.read_bytes() == data[17:] + b"x" * 5000
+
+
+def test_data_in_page_aligned_memory_is_written_as_it_is(tmp_path: Path) -> None:
+    """A body received into a pooled buffer goes to the device without the bounce buffer."""
+    on_a_disk(tmp_path)
+    data = os.urandom(6 * MIB)
+    view = BufferPool(8 * MIB, 1).take(len(data))
+    assert view is not None
+    view[:] = data
+    f = tmp_path / "f"
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        direct.write_chunk(fd, view, 0)
+    finally:
+        os.close(fd)
+    assert not direct._spare, "the bounce buffer was used for memory that needs none"
+    assert resident(f) == 0
+    assert f.read_bytes() == data
 
 
 def test_an_unaligned_offset_is_written_through_the_cache(tmp_path: Path) -> None:

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from engine.buffers import is_aligned
 from engine.config import load_cluster, load_node
 from engine.protocol import Codec
 from engine.tls import client_context, server_context
-from engine.wire import RECV_BUFFER, SEND_BUFFER, FrameStream, _Bodies, handshake
+from engine.wire import RECV_BUFFER, SEND_BUFFER, FrameStream, handshake
 from nftui.demo import create
 
 FRAMES = 48
@@ -116,15 +117,15 @@ def test_payloads_still_held_keep_their_bytes_while_later_frames_reuse_freed_buf
     with_pair(tmp_path, scenario)
 
 
-def test_a_body_buffer_is_handed_out_again_only_once_let_go() -> None:
-    bodies = _Bodies()
-    first = bodies.take(2 << 20)
-    first[:4] = b"mark"
-    held = first[:4]
-    del first
-    second = bodies.take(2 << 20)
-    assert bytes(second[:4]) != b"mark", "a buffer still referred to was handed out again"
-    del held, second
-    third = bodies.take(2 << 20)
-    assert bytes(third[:4]) == b"mark", "a buffer nothing refers to was not reused"
-    assert isinstance(bodies.take(100), bytearray), "small bodies are not pooled"
+def test_a_large_payload_arrives_page_aligned_and_a_small_one_as_it_comes(tmp_path: Path) -> None:
+    """The sender pads a large frame's header so its payload lands on a page of the receiver's
+    pooled buffer: file data can then be written with O_DIRECT without a copy."""
+    large, small = random.Random(5).randbytes((2 << 20) + 123), b"tiny"
+
+    async def scenario(a: FrameStream, b: FrameStream) -> None:
+        await send_all(a, [large, small])
+        first, second = [await asyncio.wait_for(b.recv(), 30) for _ in range(2)]
+        assert bytes(first.payload) == large and first.fields == {"i": 0}
+        assert is_aligned(first.payload, 4096), "a large payload is not page-aligned"
+        assert bytes(second.payload) == small and second.fields == {"i": 1}
+    with_pair(tmp_path, scenario)
