@@ -228,14 +228,20 @@ class Sender:
         """
         rid, fut = self.manifests.new()
         await self.link.send("manifest_req", {"id": rid, "path": path})
-        theirs = {e.path: e for e in await fut}
-        if trust_journal and set(theirs) <= {path}:
-            # An empty passive needs everything: what was journaled (shipped) names it without
-            # another walk of the tree, and the journal after `head` carries what changes meanwhile.
-            mine = await asyncio.to_thread(_shipped_manifest, self.state, self.cluster, path)
-        else:
-            mine = await asyncio.to_thread(_scan, self.node.root, self.cluster, path, self.settings.block_size,
-                                           self.state, theirs)
+        # Read while the passive answers (0.1 s for 20,000 files); unused if it is not empty.
+        shipped = (asyncio.ensure_future(asyncio.to_thread(_shipped_manifest, self.state, self.cluster, path))
+                   if trust_journal else None)
+        try:
+            theirs = {e.path: e for e in await fut}
+            if shipped is not None and set(theirs) <= {path}:
+                # An empty passive needs everything: what was journaled (shipped) names it without
+                # another walk of the tree, and the journal after `head` carries what changes meanwhile.
+                return diff(await shipped, theirs)
+        finally:
+            if shipped is not None:
+                await asyncio.gather(shipped, return_exceptions=True)  # never left running unseen
+        mine = await asyncio.to_thread(_scan, self.node.root, self.cluster, path, self.settings.block_size,
+                                       self.state, theirs)
         return diff(mine, theirs)
 
     async def send_repairs(self, differences: list[Difference]) -> None:
