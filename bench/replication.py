@@ -59,7 +59,7 @@ sys.path.insert(0, str(REPO))
 
 from inotify_simple import INotify, flags  # noqa: E402
 
-from engine.client import request  # noqa: E402
+from engine.client import Connection, request  # noqa: E402
 from engine.config import load_cluster, load_node  # noqa: E402
 from engine.errors import NfError  # noqa: E402
 from nftui import demo as nfdemo  # noqa: E402
@@ -216,6 +216,7 @@ class Cluster:
         self.config = workdir / "cluster.toml"
         self.up_proc: subprocess.Popen[str] | None = None
         self._sockets: dict[str, Path] = {}
+        self._conns: dict[str, Connection] = {}
 
     def create(self, replication: dict[str, Any] | None = None) -> None:
         nfdemo.create(self.workdir, 2)
@@ -245,6 +246,9 @@ class Cluster:
             raise RuntimeError(f"nf demo up failed: {err}")
 
     def down(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
         if self.up_proc is not None and self.up_proc.poll() is None:
             self.up_proc.kill()
             self.up_proc.wait()
@@ -254,10 +258,14 @@ class Cluster:
         return nfdemo.pid_of(self.workdir, node)
 
     def status(self, node: str = "primary") -> dict[str, Any] | None:
-        """The agent's status, or None while it does not answer yet."""
+        """The agent's status, or None while it does not answer yet. Asked on a kept connection:
+        polled every 20 ms, a new connection each time cost the agent 5 % of a core."""
+        if node not in self._conns:
+            self._conns[node] = Connection(self.socket(node), timeout=5)
         try:
-            return request(self.socket(node), "status", timeout=5)
+            return self._conns[node].request("status")
         except (NfError, OSError, ValueError):
+            self._conns.pop(node).close()
             return None
 
     def socket(self, node: str) -> Path:

@@ -45,28 +45,74 @@ def find_agents(config: str | os.PathLike[str] | None) -> list[AgentAddress]:
 
 def request(sock: Path, op: str, timeout: float = 30.0, **args: Any) -> Any:
     """One request to one agent; raises the agent's error as an NfError."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
+    with Connection(sock, timeout) as conn:
+        return conn.request(op, **args)
+
+
+class Connection:
+    """A kept connection to one agent, for callers that ask many times a second (a watch, a
+    benchmark waiting for a sync): a new connection per request cost the agent about as much
+    CPU again as the request itself. A connection the agent has closed is opened again once."""
+
+    def __init__(self, sock: Path, timeout: float = 30.0) -> None:
+        self.sock = sock
+        self.timeout = timeout
+        self._s: socket.socket | None = None
+        self._buf = b""
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._s is not None:
+            self._s.close()
+            self._s, self._buf = None, b""
+
+    def request(self, op: str, **args: Any) -> Any:
+        """The agent's answer; raises its error as an NfError, AgentUnreachable when it is gone."""
+        line = json.dumps({"op": op, **args}).encode() + b"\n"
+        kept = self._s is not None
         try:
-            s.connect(str(sock))
-        except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
-            raise AgentUnreachable(f"agent socket {sock}: {exc.strerror or exc}") from None
-        buf = b""
+            answer = self._exchange(line)
+        except AgentUnreachable:
+            if not kept:
+                raise
+            answer = self._exchange(line)  # the agent closed the kept connection (a restart): once more
+        if answer.get("ok"):
+            return answer.get("result")
+        err = answer.get("error") or {}
+        raise ApiError(err.get("message", "request failed"), hint=err.get("hint", ""), code=err.get("code"))
+
+    def _exchange(self, line: bytes) -> dict[str, Any]:
+        if self._s is None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(str(self.sock))
+            except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
+                s.close()
+                raise AgentUnreachable(f"agent socket {self.sock}: {exc.strerror or exc}") from None
+            self._s = s
         try:
-            s.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(1 << 16)
+            self._s.sendall(line)
+            while b"\n" not in self._buf:
+                chunk = self._s.recv(1 << 16)
                 if not chunk:
-                    raise AgentUnreachable(f"agent socket {sock} closed the connection")
-                buf += chunk
+                    raise AgentUnreachable(f"agent socket {self.sock} closed the connection")
+                self._buf += chunk
         except TimeoutError:
-            raise AgentUnreachable(f"agent at {sock} did not answer within {timeout:g} s (stopped or overloaded?)",
+            self.close()
+            raise AgentUnreachable(f"agent at {self.sock} did not answer within {self.timeout:g} s "
+                                   "(stopped or overloaded?)",
                                    hint="nf status asks the next agent; check the agent's process and log") from None
-    answer = json.loads(buf)
-    if answer.get("ok"):
-        return answer.get("result")
-    err = answer.get("error") or {}
-    raise ApiError(err.get("message", "request failed"), hint=err.get("hint", ""), code=err.get("code"))
+        except (AgentUnreachable, ConnectionError):
+            self.close()
+            raise AgentUnreachable(f"agent socket {self.sock} closed the connection") from None
+        answer, _, self._buf = self._buf.partition(b"\n")
+        return json.loads(answer)
 
 
 def ask_any(config: str | os.PathLike[str] | None, op: str, timeout: float = 5.0, **args: Any) -> Any:
