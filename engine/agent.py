@@ -13,6 +13,7 @@ import os
 import select
 import signal
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -853,9 +854,21 @@ def run_agent(node_toml: Path) -> int:
     cluster = load_cluster(find_cluster_config(node_toml))
     node = load_node(node_toml, cluster)
     keep_freed_memory()
+    hand_over_sooner()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {node.id} %(name)s %(levelname)s %(message)s")
     asyncio.run(Agent(cluster, node).run())
     return 0
+
+
+def hand_over_sooner() -> None:
+    """Make a thread holding the GIL hand it over after 1 ms instead of 5 ms when another waits.
+
+    The channel's TLS threads release the GIL for every record (16 KiB) and must take it back
+    before the next; behind an applying or reading thread running Python, each wait could last
+    a whole switch interval. With 1 ms an initial sync of 1 GiB and 20,000 files was faster in
+    each of four paired runs (about 4 %), at no cost in CPU.
+    """
+    sys.setswitchinterval(0.001)
 
 
 def keep_freed_memory() -> None:
