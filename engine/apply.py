@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.blocks import data_extents, hash_bytes
+from engine.blocks import DIGEST_SIZE, data_extents, hash_bytes
 from engine.direct import pwrite_all, write_chunk
 from engine.errors import PathError, ProtocolError
 from engine.held import Held, StagedDigests
@@ -157,6 +157,7 @@ class Applier:
         gid = _int("data", meta, "gid")
         offset = _int("data", meta, "offset", 0, MAX_OFFSET - len(data))
         fresh = _bool("data", meta, "fresh")
+        digests = self._digests(meta, len(data))
         stage = self._stages.get(gid)
         if stage is not None and stage.path != path:
             self._drop(gid)  # a group that never finished (its sender restarted); start again
@@ -166,8 +167,23 @@ class Applier:
         write_chunk(stage.fd, data, offset)  # large chunks around the page cache (engine.direct)
         stage.end = max(stage.end, offset + len(data))
         if stage.digests is not None:
-            stage.digests.add(offset, data)
+            stage.digests.add(offset, data, digests)
         return False
+
+    def _digests(self, meta: dict[str, Any], length: int) -> bytes | None:
+        """The block digests a sync record brought along for its data (see `engine.held`), if any."""
+        value = meta.get("digests")
+        if value is None or not self.block_size:
+            return None
+        want = -(-length // self.block_size) * DIGEST_SIZE
+        try:
+            digests = bytes.fromhex(value) if isinstance(value, str) else None
+        except ValueError:
+            digests = None
+        if digests is None or len(digests) != want:
+            raise ProtocolError(f"data.digests: expected {want * 2} hex digits (one digest per "
+                                f"{self.block_size}-byte block of the data)")
+        return digests
 
     def _file(self, meta: dict[str, Any], data: bytes) -> bool:
         path = self._path("file", meta)

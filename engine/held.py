@@ -33,11 +33,15 @@ class StagedDigests:
     runs: list[tuple[int, bytes, int]] = field(default_factory=list)  # (first block, digests, bytes)
     unaligned: bool = False
 
-    def add(self, offset: int, data: bytes | memoryview) -> None:
+    def add(self, offset: int, data: bytes | memoryview, digests: bytes | None = None) -> None:
+        """Record the blocks of one write; `digests`, when the sender brought them along, are
+        those of `data` (the active hashed what it read), so it is not hashed again."""
         if offset % self.block_size:
             self.unaligned = True  # no sender writes this way; hashes would need a full read back
             return
-        self.runs.append((offset // self.block_size, hash_bytes(data, self.block_size), len(data)))
+        if digests is None:
+            digests = hash_bytes(data, self.block_size)
+        self.runs.append((offset // self.block_size, digests, len(data)))
 
     def final(self, size: int, *, fresh: bool, base: Entry | None,
               read_block: Callable[[int], bytes]) -> bytes | None:

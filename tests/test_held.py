@@ -163,3 +163,35 @@ def test_staged_digests_equal_a_fresh_hash_after_any_aligned_writes_and_resize(s
     base = None if fresh else Entry("f", "file", 0o644, len(old), 1, None, hash_bytes(old, bs))
     got = staged.final(size, fresh=fresh, base=base, read_block=lambda i: bytes(content[i * bs : (i + 1) * bs]))
     assert got == hash_bytes(bytes(content), bs)
+
+
+def test_a_sync_brings_the_digests_the_passive_keeps_without_hashing_again(pair: Pair, monkeypatch) -> None:
+    from engine import held
+    from engine.manifest import scan_tree
+    from engine.sync import diff, repair_records
+
+    data = os.urandom(3 << 20)
+    pair.a("big").write_bytes(data[: 1 << 20] + bytes(3 * BS) + data[(1 << 20) + 3 * BS :] + b"tail")  # zeros mid-file
+    pair.a("small").write_bytes(b"x" * 100)
+    mine = {e.path: e for e in scan_tree(pair.active_root, TREES[0], block_size=BS, with_hashes=False)}
+
+    def no_hashing(*args: object) -> bytes:
+        raise AssertionError("the passive hashed data whose digests came along")
+
+    monkeypatch.setattr(held, "hash_bytes", no_hashing)
+    for op, meta, payload in repair_records(pair.active_root, diff(mine, {}), block_size=BS, chunk=1 << 20):
+        pair.applier.apply(op, meta, payload)
+    pair.applier.end_batch()
+    pair.held.flush()
+    assert pair.p("big").read_bytes() == pair.a("big").read_bytes()
+    assert pair.kept() == pair.actual()
+
+
+@pytest.mark.parametrize("digests", ["zz" * 16, "00" * 15, 7])
+def test_digests_that_do_not_fit_the_data_are_refused_naming_the_field(pair: Pair, digests: object) -> None:
+    from engine.errors import ProtocolError
+
+    with pytest.raises(ProtocolError, match=r"data\.digests: expected 32 hex digits"):
+        pair.applier.apply("data", {"path": "srv/data/f", "gid": 1, "offset": 0, "fresh": True,
+                                    "digests": digests}, b"x" * 100)
+    assert not list((pair.passive_root / "srv" / "data").rglob("*")), "a refused record left something behind"
