@@ -193,11 +193,10 @@ def read_hashing(fd: int, block_size: int, digests: bytearray, step: int = _READ
             if pos + want < stop and not reads_direct():
                 os.posix_fadvise(fd, pos + want, 2 * step, os.POSIX_FADV_WILLNEED)
             buf = read_chunk(fd, want, pos)
-            view = memoryview(buf)
-            for off in range(0, len(buf), block_size):
-                i = (pos + off) // block_size
-                digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] = _digest(view[off : off + block_size])
             if buf:
+                hashed = hash_bytes(buf, block_size)
+                at = pos // block_size * DIGEST_SIZE
+                digests[at : at + len(hashed)] = hashed
                 yield pos, buf
             if len(buf) < want:
                 return  # the file shrank while we read it

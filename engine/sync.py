@@ -165,6 +165,9 @@ def _nonzero_runs(pos: int, buf: bytes, digests: bytearray, block_size: int,
     first = pos // block_size
     start = None
     n = -(-len(buf) // block_size)
+    if digests.find(zero, first * DIGEST_SIZE, (first + n) * DIGEST_SIZE) < 0:
+        yield pos, view  # no zero block at all (the usual case): one run, without a loop
+        return
     for k in range(n + 1):
         is_zero = k == n or digests[(first + k) * DIGEST_SIZE : (first + k + 1) * DIGEST_SIZE] == zero
         if not is_zero and start is None:
