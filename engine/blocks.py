@@ -68,6 +68,8 @@ def hash_file(path_or_fd: int | str | Path, block_size: int) -> bytes:
 
 def hash_bytes(data: bytes | memoryview, block_size: int) -> bytes:
     """Digests of a file whose whole content is `data` (the same as `hash_file` would give)."""
+    if 0 < len(data) <= block_size:
+        return _digest(data)  # one block: most small files
     view = memoryview(data)
     return b"".join([_digest(view[off : off + block_size]) for off in range(0, len(view), block_size)])
 
