@@ -4,7 +4,7 @@ Usage: python bench/replication.py [--quick] [--only sync,lag,delta,memory] [--o
 
 What is measured, and why it is a fair comparison:
 
-1. sync   -- initial sync of 1 GiB in 8 large random files plus 20,000 small files (1-8 KiB) in
+1. sync   -- initial sync of 1 GiB in 8 large random files plus 20,000 small files (256 B-2 KiB) in
    200 directories. nf: a new passive joins a running active. The active agent is started on the
    data first (a daemon, like rsync's; its start-up walk is part of (4)), then the page cache is
    dropped and the clock starts: wall time from spawning the passive's agent until the active's
@@ -16,7 +16,9 @@ What is measured, and why it is a fair comparison:
    baselines do not, so their time is also shown with a trailing `sync` (ratios use the faster
    figure without it, which is stricter on nf). No copy is deleted until the run ends: ext4
    creates files slowly for minutes after many were deleted, which would handicap whoever ran
-   next (leave a few minutes between runs for the same reason).
+   next (leave a few minutes between runs for the same reason). Each tool's CPU time (user and
+   system, all its processes: both nf agents; rsync's sender, receiver and daemon side) is shown
+   too: on a machine of two CPUs shared by both ends, CPU is what the wall times trade.
 2. lag    -- a writer overwrites/creates small files at a fixed rate (deadline-scheduled, no sleep
    drift); an inotify watcher on the destination reads each file that lands and records, per
    write, the time until the destination holds that version or a newer one. nf against lsyncd
@@ -40,6 +42,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -348,6 +351,22 @@ def keep_log(c: Cluster) -> None:
             shutil.copy(src, dest / f"{node}.log")
 
 
+def proc_cpu_s(pid: int | None) -> float:
+    """CPU seconds (user and system) a process and its waited-for children have used."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def proc_mem_kib(pid: int | None, key: str) -> int:
     if pid is None:
         return 0
@@ -362,8 +381,8 @@ def proc_mem_kib(pid: int | None, key: str) -> int:
 
 # -- rsync daemon ------------------------------------------------------------------------------
 @contextmanager
-def rsync_daemon(base: Path, dest: Path) -> Iterator[str]:
-    """An rsync daemon on 127.0.0.1 serving `dest` as module `dst`; yields the URL."""
+def rsync_daemon(base: Path, dest: Path) -> Iterator[tuple[str, int]]:
+    """An rsync daemon on 127.0.0.1 serving `dest` as module `dst`; yields the URL and its pid."""
     conf = base / "rsyncd.conf"
     conf.write_text(f"port = {RSYNC_PORT}\naddress = 127.0.0.1\nuse chroot = false\npid file = {base}/rsyncd.pid\n"
                     f"[dst]\npath = {dest}\nread only = false\nuid = root\ngid = root\n")
@@ -379,7 +398,7 @@ def rsync_daemon(base: Path, dest: Path) -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
-        yield f"rsync://127.0.0.1:{RSYNC_PORT}/dst/"
+        yield f"rsync://127.0.0.1:{RSYNC_PORT}/dst/", proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -421,6 +440,7 @@ def sync_nf(src: Path, base: Path, name: str) -> dict[str, float]:
         # hundred KiB against the interpreter's and packages' tens of MiB.
         run([sys.executable, "-c", "import engine.agent, nftui.cli"], cwd=REPO)
         log("sync: nf")
+        active_cpu = proc_cpu_s(c.pid("primary"))
         t0 = time.monotonic()
         nfdemo.start(c.workdir, "secondary")
         marks: dict[str, float] = {}
@@ -430,7 +450,8 @@ def sync_nf(src: Path, base: Path, name: str) -> dict[str, float]:
                 marks["connected"] = time.monotonic()
 
         t_level = c.wait_level(3600, tick=tick)
-        return {"seconds": t_level - t0, "passive_connected_s": marks.get("connected", t_level) - t0}
+        cpu = proc_cpu_s(c.pid("primary")) - active_cpu + proc_cpu_s(c.pid("secondary"))  # both agents
+        return {"seconds": t_level - t0, "passive_connected_s": marks.get("connected", t_level) - t0, "cpu_s": cpu}
 
 
 def baseline_commands(src: Path) -> dict[str, Callable[[Path], list[str]]]:
@@ -447,17 +468,23 @@ def sync_baseline(name: str, cmd: Callable[[Path], list[str]], src: Path, dst: P
     one run's copy before the next would handicap whoever runs next."""
     dst.mkdir()
     log(f"sync: {name}")
-    with rsync_daemon(dst.parent, dst) as url:
+    with rsync_daemon(dst.parent, dst) as (url, daemon):
         argv = [url if a == "URL" else a for a in cmd(dst)]
         drop_caches()
+        cpu0 = children_cpu_s() + proc_cpu_s(daemon)
         t0 = time.monotonic()
         run(argv)
         t1 = time.monotonic()
         os.sync()
         t2 = time.monotonic()
+        # The daemon serves each connection in a child, counted once it has reaped that child.
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{daemon}/task/{daemon}/children").read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cpu = children_cpu_s() + proc_cpu_s(daemon) - cpu0  # the tool's processes, and the daemon's side
     if tree_stats(src) != tree_stats(dst):
         raise RuntimeError(f"{name} left a different tree")
-    return {"seconds": t1 - t0, "seconds_with_sync": t2 - t0}
+    return {"seconds": t1 - t0, "seconds_with_sync": t2 - t0, "cpu_s": cpu}
 
 
 # -- 2. lag ------------------------------------------------------------------------------------
@@ -670,7 +697,7 @@ def delta_rsync(original: Path, plans: dict[str, list[tuple[int, bytes]]], base:
         shutil.copy2(original, d / "big.bin")
     res: dict[str, dict[str, Any]] = {}
     try:
-        with rsync_daemon(base, dst) as url:
+        with rsync_daemon(base, dst) as (url, _):
             for case, plan in plans.items():
                 log(f"delta: rsync, {case}")
                 apply_edit(src / "big.bin", plan)
@@ -744,13 +771,14 @@ def report(results: dict[str, Any], s: Sizes) -> str:
 def sync_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     nf_s = r["nf"]["seconds"]
     cp, rs = r["cp -a"]["seconds"], r["rsync -a (local)"]["seconds"]
-    base = "; ".join(f"{k} {v['seconds']:.1f} s ({v['seconds_with_sync']:.1f} s incl. sync)"
+    base = "; ".join(f"{k} {v['seconds']:.1f} s ({v['seconds_with_sync']:.1f} s incl. sync; {v['cpu_s']:.1f} CPU-s)"
                      for k, v in r.items() if isinstance(v, dict) and "seconds_with_sync" in v)
     what = (f"Initial sync, {r['bytes'] / (1 << 30):.2f} GiB in {r['files']:,} files "
             f"(median of {r.get('rounds', 1)} rounds)")
     target = (f"≤ rsync -a {verdict(nf_s <= rs)} (×{nf_s / rs:.2f}); ≤ 1.5 × cp -a {verdict(nf_s <= 1.5 * cp)} "
               f"(×{nf_s / cp:.2f})")
-    nf_txt = f"{nf_s:.1f} s (passive start-up until connected {r['nf']['passive_connected_s']:.1f} s)"
+    nf_txt = (f"{nf_s:.1f} s ({r['nf']['cpu_s']:.1f} CPU-s in both agents; passive start-up until "
+              f"connected {r['nf']['passive_connected_s']:.1f} s)")
     return [(what, nf_txt, base, target)]
 
 
