@@ -24,6 +24,7 @@ from typing import Any
 from engine.alerts import Alerter
 from engine.api import ApiServer
 from engine.applications import Applications
+from engine.buffers import trim_idle
 from engine.capture import Change, Coalescer, Watcher
 from engine.channel import Channel, Link
 from engine.config import ClusterConfig, NodeConfig, load_cluster, load_node, local_trees
@@ -628,9 +629,11 @@ class Agent:
         return {k: v for k, v in me.items() if k not in ("id", "connected", "epoch")}
 
     async def _maintenance_loop(self) -> None:
-        """Persist peer progress, truncate the journal, and spill overflowing send queues."""
+        """Give back idle bulk buffers; on the active, also persist peer progress, truncate the
+        journal, and spill overflowing send queues."""
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
+            trim_idle()
             if self.role != "active":
                 continue
             try:

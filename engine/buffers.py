@@ -9,7 +9,8 @@ data read into them with O_DIRECT needs no copy out.
 
 A buffer is free again once nothing refers to it: every memoryview sliced from it, however
 far it travels (a record's data, a frame part waiting for the TLS writer), holds a reference
-to its mmap. Buffers idle for `idle` seconds are let go.
+to its mmap. Buffers idle for `idle` seconds are let go, at the next `take` or when the agent
+calls `trim_idle` (about every second), so a sync's hundred megabytes do not stay resident.
 """
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ import mmap
 import sys
 import threading
 import time
+import weakref
 
-__all__ = ["BufferPool", "is_aligned"]
+__all__ = ["BufferPool", "is_aligned", "trim_idle"]
+
+_pools: "weakref.WeakSet[BufferPool]" = weakref.WeakSet()
 
 
 class BufferPool:
@@ -32,6 +36,16 @@ class BufferPool:
         self._pool: list[list] = []  # [mmap, monotonic time it was last handed out]
         self._trimmed = time.monotonic()
         self._lock = threading.Lock()
+        _pools.add(self)
+
+    def __len__(self) -> int:
+        """Buffers held, in use or idle."""
+        return len(self._pool)
+
+    def trim(self) -> None:
+        """Let go of the buffers nothing refers to that have been idle for `idle` seconds."""
+        with self._lock:
+            self._trim(time.monotonic())
 
     def take(self, n: int) -> memoryview | None:
         """A writable view of `n` bytes at the start of a free buffer; None when `n` does not
@@ -41,8 +55,7 @@ class BufferPool:
         now = time.monotonic()
         with self._lock:
             if now - self._trimmed > 1.0:
-                self._trimmed = now
-                self._pool = [e for e in self._pool if now - e[1] < self.idle or not _free(e)]
+                self._trim(now)
             for entry in self._pool:
                 if _free(entry):
                     entry[1] = now
@@ -52,6 +65,16 @@ class BufferPool:
             buf = mmap.mmap(-1, self.size)
             self._pool.append([buf, now])
             return memoryview(buf)[:n]
+
+    def _trim(self, now: float) -> None:
+        self._trimmed = now
+        self._pool = [e for e in self._pool if now - e[1] < self.idle or not _free(e)]
+
+
+def trim_idle() -> None:
+    """Trim every pool of this process (the agent's maintenance loop calls this)."""
+    for pool in list(_pools):
+        pool.trim()
 
 
 def is_aligned(view: memoryview, align: int) -> bool:

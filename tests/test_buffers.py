@@ -1,7 +1,7 @@
 """Pooled buffers: handed out again only once let go, and aligned for direct I/O."""
 from __future__ import annotations
 
-from engine.buffers import BufferPool, is_aligned
+from engine.buffers import BufferPool, is_aligned, trim_idle
 
 MIB = 1 << 20
 
@@ -35,3 +35,15 @@ def test_buffers_are_page_aligned_and_other_memory_need_not_be() -> None:
     assert is_aligned(view[8192:], 4096)
     assert not is_aligned(view[1:], 4096)
     assert not is_aligned(memoryview(bytes(8192)), 4096), "read-only memory counts as unaligned: it cannot be told"
+
+
+def test_idle_buffers_are_let_go_and_one_in_use_is_kept() -> None:
+    pool = BufferPool(MIB, 4, idle=0.0)
+    in_use = pool.take(MIB)
+    idle = pool.take(MIB)
+    assert in_use is not None and idle is not None and len(pool) == 2
+    del idle
+    trim_idle()
+    assert len(pool) == 1, "an idle buffer was kept, or one in use was let go"
+    in_use[:4] = b"kept"
+    assert bytes(in_use[:4]) == b"kept"
