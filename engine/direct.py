@@ -34,7 +34,8 @@ ALIGN = 4096
 #: Chunks smaller than this stay buffered: for them the device's latency outweighs the copy.
 DIRECT_MIN = 1 << 20
 
-#: One bounce buffer: data from the channel sits at any address, the device wants it aligned.
+#: A bounce buffer (data from the channel may sit at any address, the device wants it aligned),
+#: and a pooled read buffer: one chunk of a sync.
 BUFFER_BYTES = 4 << 20
 
 #: A buffered write at least this large is handed to the disk at once (sync_file_range), so the
@@ -131,46 +132,26 @@ def _mostly_cached(fd: int, offset: int, length: int) -> bool:
     return st.nr_cache * ALIGN * 2 >= length
 
 
-def _read_direct(fd: int, length: int, offset: int) -> bytes | memoryview | None:
-    """The bytes, read directly into a pooled buffer, or (when none is free) copied out of a
-    bounce buffer; None if refused."""
+def _read_direct(fd: int, length: int, offset: int) -> memoryview | None:
+    """The bytes, read directly into a pooled page-aligned buffer (a fresh one when all are in
+    use); None if refused."""
     global _reads_direct
-    whole = -(-length // ALIGN) * ALIGN
-    pooled = _read_buffers.take(whole)
-    if pooled is not None:
-        with _direct_mode(fd) as ok:
-            if not ok:
-                _reads_direct = False
-                return None
-            try:
-                n = os.preadv(fd, [pooled], offset)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                _reads_direct = False
-                return None
-        return pooled[: min(n, length)]
-    parts = []
-    with _direct_mode(fd) as ok, _bounce() as buf:
+    whole = -(-length // ALIGN) * ALIGN  # whole pages: reading past the end of the file is fine
+    buf = _read_buffers.take(whole)
+    if buf is None:
+        buf = memoryview(mmap.mmap(-1, whole))
+    with _direct_mode(fd) as ok:
         if not ok:
             _reads_direct = False
             return None
-        done = 0
-        while done < length:
-            want = min(BUFFER_BYTES, -(-(length - done) // ALIGN) * ALIGN)  # whole pages, past the end is fine
-            try:
-                n = os.preadv(fd, [buf[:want]], offset + done)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL or done:
-                    raise
-                _reads_direct = False  # the file system took the flag and refuses the read
-                return None
-            n = min(n, length - done)
-            parts.append(buf[:n].tobytes())
-            done += n
-            if n < want:
-                break  # the end of the file
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+        try:
+            n = os.preadv(fd, [buf], offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            _reads_direct = False  # the file system took the flag and refuses the read
+            return None
+    return buf[: min(n, length)]
 
 
 def _write_direct(fd: int, view: memoryview, offset: int, *, bounce: bool) -> int:
