@@ -25,7 +25,7 @@ from contextlib import contextmanager, nullcontext
 
 from engine.buffers import BufferPool, is_aligned
 
-__all__ = ["ALIGN", "read_chunk", "write_chunk", "reads_direct", "pread_full", "pwrite_all"]
+__all__ = ["ALIGN", "read_chunk", "write_chunk", "reads_direct", "cachestat", "pread_full", "pwrite_all"]
 
 #: Offsets, lengths and memory of direct I/O are aligned to this (a page: enough for every
 #: logical block size a Linux file system asks for).
@@ -92,6 +92,15 @@ def write_chunk(fd: int, data: bytes | memoryview, offset: int) -> None:
         _libc.sync_file_range(fd, offset, len(view), _SYNC_FILE_RANGE_WRITE)  # best effort
 
 
+def cachestat(fd: int, offset: int = 0, length: int = 0) -> _Cachestat | None:
+    """The page cache's state of a range of an open file (`length` 0: to the end), or None
+    where the kernel cannot tell (cachestat(2), Linux 6.5)."""
+    st = _Cachestat()
+    if _libc.syscall(_NR_CACHESTAT, fd, ctypes.byref(_CachestatRange(offset, length)), ctypes.byref(st), 0) != 0:
+        return None
+    return st
+
+
 def reads_direct() -> bool:
     """Whether `read_chunk` still reads around the page cache (it stops at the first refusal)."""
     return _reads_direct
@@ -125,8 +134,8 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 def _mostly_cached(fd: int, offset: int, length: int) -> bool:
     global _reads_direct
-    rng, st = _CachestatRange(offset, length), _Cachestat()
-    if _libc.syscall(_NR_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:
+    st = cachestat(fd, offset, length)
+    if st is None:
         _reads_direct = False  # a kernel before 6.5 (ENOSYS), or a file it cannot tell about
         return True
     return st.nr_cache * ALIGN * 2 >= length

@@ -1,37 +1,27 @@
 """Early flushes: a sync's pages reach the disk while it is still arriving, one flush at a time."""
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from pathlib import Path
 
+from engine.direct import cachestat
 from engine.flush import EarlyFlush
 from tests.conftest import wait_for
 from tests.test_direct import on_a_disk
 
 MIB = 1 << 20
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _Range(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _Stat(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_uint64) for name in ("cache", "dirty", "writeback", "evicted", "recent")]
 
 
 def dirty_pages(path: Path) -> int:
-    """Pages of `path` not yet written back (cachestat(2), Linux 6.5 and later)."""
+    """Pages of `path` not yet written back."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        st = _Stat()
-        if _libc.syscall(451, fd, ctypes.byref(_Range(0, 0)), ctypes.byref(st), 0) != 0:
-            raise OSError(ctypes.get_errno(), "cachestat")
-        return st.dirty + st.writeback
+        st = cachestat(fd)
     finally:
         os.close(fd)
+    assert st is not None, "cachestat(2) is missing (Linux 6.5 and later)"
+    return st.nr_dirty + st.nr_writeback
 
 
 def flushing() -> bool:
