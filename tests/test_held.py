@@ -11,13 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from engine import held
 from engine.apply import Applier
 from engine.blocks import hash_file
 from engine.capture import Change
 from engine.config import ProtectedTree, ReplicationSettings
+from engine.errors import ProtocolError
 from engine.held import Held
 from engine.journaler import Journaler, shipped_under
+from engine.manifest import scan_tree
 from engine.state import State, read_journal
+from engine.sync import diff, repair_records
 
 BS = 4096
 SETTINGS = ReplicationSettings(block_size=BS)
@@ -166,10 +170,6 @@ def test_staged_digests_equal_a_fresh_hash_after_any_aligned_writes_and_resize(s
 
 
 def test_a_sync_brings_the_digests_the_passive_keeps_without_hashing_again(pair: Pair, monkeypatch) -> None:
-    from engine import held
-    from engine.manifest import scan_tree
-    from engine.sync import diff, repair_records
-
     data = os.urandom(3 << 20)
     pair.a("big").write_bytes(data[: 1 << 20] + bytes(3 * BS) + data[(1 << 20) + 3 * BS :] + b"tail")  # zeros mid-file
     pair.a("small").write_bytes(b"x" * 100)
@@ -189,8 +189,6 @@ def test_a_sync_brings_the_digests_the_passive_keeps_without_hashing_again(pair:
 
 @pytest.mark.parametrize("digests", ["zz" * 16, "00" * 15, 7])
 def test_digests_that_do_not_fit_the_data_are_refused_naming_the_field(pair: Pair, digests: object) -> None:
-    from engine.errors import ProtocolError
-
     with pytest.raises(ProtocolError, match=r"data\.digests: expected 32 hex digits"):
         pair.applier.apply("data", {"path": "srv/data/f", "gid": 1, "offset": 0, "fresh": True,
                                     "digests": digests}, b"x" * 100)
