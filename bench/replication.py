@@ -9,8 +9,10 @@ What is measured, and why it is a fair comparison:
    data first (a daemon, like rsync's; its start-up walk is part of (4)), then the page cache is
    dropped and the clock starts: wall time from spawning the passive's agent until the active's
    status says the passive is level (no send queue, not syncing, same applied sequence) and a
-   file count/size check of both trees agrees; the passive's start-up until connected is shown. Baselines: `cp -a`, `rsync -a` local, and rsync
-   over its daemon on loopback. Three rounds (one with --quick), each in a rotated order, and each
+   file count/size check of both trees agrees; the passive's start-up until connected is shown.
+   Baselines: `cp -a`, `rsync -a` local, and rsync over its daemon on loopback; and, as a
+   reference for what encryption alone costs here, tar piped through one mutual-TLS connection on
+   loopback (socat) into tar. Three rounds (one with --quick), each in a rotated order, and each
    tool's median is reported. The page cache is dropped before every run so everyone reads the
    source from disk. nf flushes the replica (syncfs) before it counts the passive level; the
    baselines do not, so their time is also shown with a trailing `sync` (ratios use the faster
@@ -72,6 +74,7 @@ CACHE = REPO / "bench" / "out" / "cache"
 MIB = 1 << 20
 CHANNEL_PORT = 7780
 RSYNC_PORT = 18730
+TLS_PIPE_PORT = 18731
 
 
 # -- sizes -------------------------------------------------------------------------------------
@@ -140,13 +143,13 @@ def file_digest(path: Path) -> str:
 
 
 def ensure_tools() -> None:
-    """Install rsync and lsyncd with apt when missing (we run as root); byte-compile nf."""
+    """Install rsync, lsyncd and socat with apt when missing (we run as root); byte-compile nf."""
     # nf byte-compiled, as an installed package is (scripts/setup.sh does the same): agents are
     # timed from their start, which would otherwise include compiling nf's sources.
     run([sys.executable, "-m", "compileall", "-q", str(REPO / "engine"), str(REPO / "nftui")])
-    if shutil.which("rsync") and shutil.which("lsyncd"):
+    if shutil.which("rsync") and shutil.which("lsyncd") and shutil.which("socat"):
         return
-    cmd = ["apt-get", "install", "-y", "rsync", "lsyncd"]
+    cmd = ["apt-get", "install", "-y", "rsync", "lsyncd", "socat"]
     if subprocess.run(cmd, capture_output=True).returncode != 0:
         run(["apt-get", "update"])
         run(cmd)
@@ -413,7 +416,7 @@ def bench_sync(s: Sizes, base: Path) -> dict[str, Any]:
     files, size = tree_stats(src)
     out: dict[str, Any] = {"files": files, "bytes": size, "page_cache": "dropped before every run",
                            "rounds": s.sync_rounds}
-    commands = baseline_commands(src)
+    commands = baseline_commands(src, base)
     tools = ["nf", *commands]
     runs: dict[str, list[dict[str, float]]] = {t: [] for t in tools}
     for r in range(s.sync_rounds):
@@ -454,12 +457,39 @@ def sync_nf(src: Path, base: Path, name: str) -> dict[str, float]:
         return {"seconds": t_level - t0, "passive_connected_s": marks.get("connected", t_level) - t0, "cpu_s": cpu}
 
 
-def baseline_commands(src: Path) -> dict[str, Callable[[Path], list[str]]]:
+def baseline_commands(src: Path, base: Path) -> dict[str, Callable[[Path], list[str]]]:
+    """The baselines' command lines, by name; "URL" stands for the rsync daemon's module."""
     return {
         "cp -a": lambda dst: ["cp", "-a", f"{src}/.", str(dst)],
         "rsync -a (local)": lambda dst: ["rsync", "-a", f"{src}/", f"{dst}/"],
         "rsync -a (daemon, loopback)": lambda _dst: ["rsync", "-a", f"{src}/", "URL"],
+        "tar over TLS (socat, loopback)": lambda dst: tls_pipe(src, dst, tls_pair(base)),
     }
+
+
+def tls_pair(base: Path) -> tuple[Path, Path]:
+    """A self-signed P-256 certificate and key for 127.0.0.1, made once per run (outside any clock)."""
+    cert, key = base / "tls-pipe.crt", base / "tls-pipe.key"
+    if not cert.exists():
+        run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+             "-addext", "subjectAltName=IP:127.0.0.1", "-days", "2"])
+    return cert, key
+
+
+def tls_pipe(src: Path, dst: Path, pair: tuple[Path, Path]) -> list[str]:
+    """A reference, not a target: the least an encrypted copy between two nodes does, in native
+    code. tar streams the tree through one mutually authenticated TLS 1.3 connection on loopback
+    (socat and OpenSSL, as nf's channel uses) into tar on the other end: no hashing, no
+    durability, no per-file protocol. The gap from `rsync -a` to this row is what encryption
+    costs on this machine; the gap from this row to nf is what nf's own work costs."""
+    cert, key = pair
+    tls = f"cert={cert},key={key},cafile={cert},verify=1"
+    return ["bash", "-c",
+            f"set -eo pipefail; socat -b 1048576 -u OPENSSL-LISTEN:{TLS_PIPE_PORT},reuseaddr,{tls} - "
+            f"| tar x -b 2048 -C {dst} & receiver=$!; tar c -b 2048 -C {src} . "
+            f"| socat -b 1048576 -u - OPENSSL:127.0.0.1:{TLS_PIPE_PORT},{tls},retry=500,interval=0.01; "
+            "wait $receiver"]
 
 
 def sync_baseline(name: str, cmd: Callable[[Path], list[str]], src: Path, dst: Path) -> dict[str, float]:
