@@ -12,6 +12,11 @@ component at a time without following symlinks, so a record can reach neither ou
 protected set nor through a symlink in the replica. Symlink targets are stored verbatim and
 never followed.
 
+A clone's node-local identity files (machine-id, host keys, a patch agent's id) never
+replicate, and what the active does to a directory above them does not take them either:
+deleting the directory keeps them and the directories leading to them, renaming it leaves them
+where they were, and replacing it with a file or symlink is refused.
+
 Nothing here fsyncs: the receiver flushes the whole file system (syncfs) once per batch, before
 it commits the applied position, which makes a batch durable at the cost of one flush instead of
 two per file; a crash before that commit replays the batch.
@@ -20,10 +25,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import fnmatch
 import itertools
 import os
-import re
 import shutil
 import stat
 from collections.abc import Callable, Iterable
@@ -36,7 +39,8 @@ from engine.direct import pwrite_all, write_chunk
 from engine.errors import PathError, ProtocolError
 from engine.held import Held, StagedDigests
 from engine.manifest import Entry
-from engine.paths import STAGE_NAME, check_rel_path, makedirs_parent, open_dir, open_parent, tree_of
+from engine.paths import (STAGE_NAME, check_rel_path, local_matcher, makedirs_parent, open_dir, open_parent,
+                          tree_of)
 
 if TYPE_CHECKING:
     from engine.config import ProtectedTree
@@ -82,7 +86,9 @@ class Applier:
         self.trees = tuple(trees)
         self.stage_name = stage_name
         # One regex for all node-local patterns: it is matched against every record's path.
-        self._local = re.compile("|".join(fnmatch.translate(f.lstrip("/")) for f in local_files) or "(?!)")
+        local_files = tuple(local_files)
+        self._local = local_matcher(local_files)
+        self._has_local = bool(local_files)
         self.held = held if block_size > 0 else None
         self.block_size = block_size
         self._stages: dict[int, _Stage] = {}
@@ -250,6 +256,7 @@ class Applier:
             _remove_at(sfd, tmp)
             os.symlink(target, tmp, dir_fd=sfd)
             try:
+                self._clear_dir(parent, name, path)
                 _remove_dir_at(parent, name)  # rename cannot put a symlink over a directory
                 os.rename(tmp, name, src_dir_fd=sfd, dst_dir_fd=parent)
             except BaseException:
@@ -279,7 +286,10 @@ class Applier:
         except FileNotFoundError:
             return True
         try:
-            _remove_at(parent, name)
+            if self._has_local and _is_dir_at(parent, name):
+                self._prune(parent, name, path)
+            else:
+                _remove_at(parent, name)
         finally:
             os.close(parent)
         return True
@@ -303,6 +313,7 @@ class Applier:
                 st = os.stat(sn, dir_fd=sp, follow_symlinks=False)
             except FileNotFoundError:
                 return True
+            own = self._local_below(sp, sn, src) if stat.S_ISDIR(st.st_mode) else []
             dp, dn = makedirs_parent(self.root, dst, trusted=self._tree(dst).rel)
             try:
                 try:
@@ -310,12 +321,15 @@ class Applier:
                 except FileNotFoundError:
                     dst_st = None
                 if dst_st is not None and (stat.S_ISDIR(dst_st.st_mode) or stat.S_ISDIR(st.st_mode)):
-                    _remove_at(dp, dn)  # rename(2) replaces only a non-directory or an empty one
+                    self._clear_dir(dp, dn, dst)  # rename(2) replaces only a non-directory or an empty one
+                    _remove_at(dp, dn)
                 os.rename(sn, dn, src_dir_fd=sp, dst_dir_fd=dp)
             finally:
                 os.close(dp)
         finally:
             os.close(sp)
+        for rel in own:  # this clone's identity files stay where they were
+            self._move(f"{dst}/{rel}", f"{src}/{rel}")
         if self.held is not None:
             self.held.move(src, dst)
         return True
@@ -459,6 +473,7 @@ class Applier:
                     raise
                 self.end_batch()  # a directory is in the way: what was below it goes
                 parent, name = self._parent(stage.path, stage.trusted)
+                self._clear_dir(parent, name, stage.path)
                 _remove_dir_at(parent, name)
                 os.rename(stage.name, name, src_dir_fd=stage.dir_fd, dst_dir_fd=parent)
                 if self.held is not None:
@@ -570,6 +585,65 @@ class Applier:
         if stage is not None:
             _close_stage(stage, unlink=True)
 
+    # -- this clone's identity files ---------------------------------------------------------
+    def _prune(self, parent: int, name: str, path: str) -> bool:
+        """Remove directory `path` (`name` in `parent`) but for the identity files below it and
+        the directories leading to them; True when something was kept (the directory stays)."""
+        fd = os.open(name, _DIR, dir_fd=parent)
+        kept = False
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    child = f"{path}/{entry.name}"
+                    if self._local.match(child):
+                        kept = True
+                    elif entry.is_dir(follow_symlinks=False):
+                        kept = self._prune(fd, entry.name, child) or kept
+                    else:
+                        _remove_at(fd, entry.name)
+        finally:
+            os.close(fd)
+        if not kept:
+            os.rmdir(name, dir_fd=parent)
+        return kept
+
+    def _local_below(self, parent: int, name: str, path: str) -> list[str]:
+        """The identity files of this clone below directory `path`, relative to it."""
+        if not self._has_local:
+            return []
+        found: list[str] = []
+        fd = os.open(name, _DIR, dir_fd=parent)
+        try:
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    child = f"{path}/{entry.name}"
+                    if self._local.match(child):
+                        found.append(entry.name)
+                    elif entry.is_dir(follow_symlinks=False):
+                        found += [f"{entry.name}/{rel}" for rel in self._local_below(fd, entry.name, child)]
+        finally:
+            os.close(fd)
+        return found
+
+    def _clear_dir(self, parent: int, name: str, path: str) -> None:
+        """Refuse, before anything changes, to replace a directory that holds an identity file."""
+        if self._has_local and _is_dir_at(parent, name):
+            own = self._local_below(parent, name, path)
+            if own:
+                raise PathError(path, f"holds {path}/{own[0]}, a node-local identity file of this clone, "
+                                      "which stays; the directory cannot be replaced")
+
+    def _move(self, src: str, dst: str) -> None:
+        sp, sn = open_parent(self.root, src, trusted=self._tree(src).rel)
+        try:
+            dp, dn = makedirs_parent(self.root, dst, trusted=self._tree(dst).rel)
+            try:
+                os.rename(sn, dn, src_dir_fd=sp, dst_dir_fd=dp)
+            finally:
+                os.close(dp)
+        finally:
+            os.close(sp)
+
     # -- checks ----------------------------------------------------------------------------
     def _path(self, op: str, meta: dict[str, Any], *, field: str = "path", allow_tree_root: bool = False) -> str:
         if field not in meta:
@@ -677,6 +751,13 @@ def _remove_at(parent: int, name: str) -> None:
             os.unlink(name, dir_fd=parent)
         except FileNotFoundError:
             pass
+
+
+def _is_dir_at(parent: int, name: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _remove_dir_at(parent: int, name: str) -> None:

@@ -8,22 +8,25 @@ sorted, so records made from them in that order create parents first.
 """
 from __future__ import annotations
 
+import collections
 import errno
 import os
+import posixpath
+import re
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.blocks import DIGEST_SIZE, hash_file
 from engine.errors import PathError, ProtocolError
-from engine.paths import STAGE_NAME, check_rel_path, open_dir, open_parent
+from engine.paths import STAGE_NAME, check_rel_path, local_matcher, open_dir, open_parent
 
 if TYPE_CHECKING:
     from engine.config import ProtectedTree
 
-__all__ = ["Entry", "KINDS", "scan_tree", "same"]
+__all__ = ["Entry", "KINDS", "scan_tree", "same", "without_identity_dirs"]
 
 KINDS = ("file", "dir", "symlink")
 
@@ -126,6 +129,44 @@ def scan_tree(root: Path, tree: "ProtectedTree", *, block_size: int, with_hashes
     yield entry
     if fd is not None:
         yield from walk.below(fd, only)
+
+
+def without_identity_dirs(root: Path, tree_rel: str, entries: list[Entry], local_files: Sequence[str]) -> list[Entry]:
+    """`entries` (in walk order) less the directories that hold nothing listed but identity files.
+
+    Identity files never replicate, and a directory the active removes stays on a clone that
+    keeps its own identity files in it (`engine.apply`). Listed, it would be a difference on
+    every verify that repair could never remove; both ends leave such directories out.
+    """
+    if not local_files:
+        return entries
+    local = local_matcher(local_files)
+    children = collections.Counter(posixpath.dirname(e.path) for e in entries)
+    dropped: set[str] = set()
+    for e in reversed(entries):  # children before their parents
+        if (e.kind == "dir" and e.path != tree_rel and not children[e.path]
+                and _holds_identity(root, tree_rel, e.path, local, dropped)):
+            dropped.add(e.path)
+            children[posixpath.dirname(e.path)] -= 1
+    return [e for e in entries if e.path not in dropped] if dropped else entries
+
+
+def _holds_identity(root: Path, tree_rel: str, path: str, local: "re.Pattern[str]", dropped: set[str]) -> bool:
+    try:
+        parent, name = open_parent(root, path, trusted=tree_rel)
+    except (FileNotFoundError, PathError):
+        return False
+    try:
+        fd = os.open(name, _NOFOLLOW_DIR, dir_fd=parent)
+    except OSError:
+        return False
+    finally:
+        os.close(parent)
+    try:
+        with os.scandir(fd) as it:
+            return any(local.match(f"{path}/{d.name}") or f"{path}/{d.name}" in dropped for d in it)
+    finally:
+        os.close(fd)
 
 
 def same(a: Entry, b: Entry, *, mtime: bool = True) -> bool:

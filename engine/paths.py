@@ -14,8 +14,10 @@ symlink or rename record may name.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
 import posixpath
+import re
 import stat
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,7 +28,7 @@ from engine.errors import PathError
 if TYPE_CHECKING:
     from engine.config import ProtectedTree
 
-__all__ = ["STAGE_NAME", "check_rel_path", "tree_of", "open_parent", "makedirs_parent", "open_dir"]
+__all__ = ["STAGE_NAME", "check_rel_path", "tree_of", "open_parent", "makedirs_parent", "open_dir", "local_matcher"]
 
 #: Directory at the top of every protected tree where apply stages files.
 STAGE_NAME = ".nf-stage"
@@ -103,6 +105,12 @@ def tree_of(rel: str, trees: Iterable["ProtectedTree"]) -> "ProtectedTree | None
         if (rel == tree.rel or rel.startswith(tree.rel + "/")) and (best is None or len(tree.rel) > len(best.rel)):
             best = tree
     return best
+
+
+def local_matcher(local_files: Iterable[str]) -> "re.Pattern[str]":
+    """One regex for a node's identity files (absolute globs), matched against relative paths
+    such as "etc/machine-id"; it matches nothing when there are none."""
+    return re.compile("|".join(fnmatch.translate(f.lstrip("/")) for f in local_files) or "(?!)")
 
 
 def open_parent(root: Path, rel: str, *, trusted: str = "") -> tuple[int, str]:

@@ -16,7 +16,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,7 @@ from engine.errors import NfError, PathError, ProtocolError
 from engine.flush import EarlyFlush, syncfs
 from engine.held import Held
 from engine.journaler import fill_hashes, shipped_entry, shipped_under
-from engine.manifest import Entry, scan_tree
+from engine.manifest import Entry, scan_tree, without_identity_dirs
 from engine.paths import check_rel_path, tree_of
 from engine.protocol import Message
 from engine.state import State, read_journal
@@ -245,7 +245,7 @@ class Sender:
             if shipped is not None:
                 await asyncio.gather(shipped, return_exceptions=True)  # never left running unseen
         mine = await asyncio.to_thread(_scan, self.node.root, self.cluster, path, self.settings.block_size,
-                                       self.state, theirs)
+                                       self.node.local_files, self.state, theirs)
         return diff(mine, theirs)
 
     async def send_repairs(self, differences: list[Difference]) -> None:
@@ -383,7 +383,7 @@ class Receiver:
         await self.drained()
         try:
             entries = await asyncio.to_thread(manifest, self.node.root, self.cluster, path,
-                                              self.cluster.replication.block_size)
+                                              self.cluster.replication.block_size, self.node.local_files)
         except (NfError, OSError) as exc:
             await link.send("manifest_end", {"id": rid, "error": str(exc)})
             return
@@ -512,20 +512,22 @@ def _take(gen: Iterator[Record]) -> list[Record]:
     return out
 
 
-def manifest(root: Path, cluster: "ClusterConfig", path: str, block_size: int,
+def manifest(root: Path, cluster: "ClusterConfig", path: str, block_size: int, local_files: Sequence[str],
              reuse: Callable[[str], Entry | None] | None = None,
              with_hashes: bool | Callable[[str], bool] = True) -> list[Entry]:
-    """Entries of one subtree with block hashes; `reuse` skips re-hashing unchanged files."""
+    """Entries of one subtree with block hashes, as verify and sync compare them; `reuse`
+    skips re-hashing unchanged files."""
     check_rel_path(path, cluster.protected, allow_tree_root=True)
     tree = tree_of(path, cluster.protected)
     if tree is None:
         raise PathError(path, "outside the protected set")
     only = None if path == tree.rel else path[len(tree.rel) + 1 :]
-    return list(scan_tree(root, tree, block_size=block_size, with_hashes=with_hashes, reuse=reuse, only=only))
+    entries = list(scan_tree(root, tree, block_size=block_size, with_hashes=with_hashes, reuse=reuse, only=only))
+    return without_identity_dirs(root, tree.rel, entries, local_files)
 
 
-def _scan(root: Path, cluster: "ClusterConfig", path: str, block_size: int, state: State,
-          theirs: dict[str, Entry]) -> dict[str, Entry]:
+def _scan(root: Path, cluster: "ClusterConfig", path: str, block_size: int, local_files: Sequence[str],
+          state: State, theirs: dict[str, Entry]) -> dict[str, Entry]:
     """The active's manifest of a subtree, hashing only files the passive holds too, and reusing
     shipped hashes where size and mtime match; hashes it had to compute are kept as shipped."""
     db = state.connect()  # its own connection: verify may scan while the sender streams
@@ -542,7 +544,8 @@ def _scan(root: Path, cluster: "ClusterConfig", path: str, block_size: int, stat
                 reused.add(p)
             return e
 
-        mine = {e.path: e for e in manifest(root, cluster, path, block_size, reuse=known, with_hashes=held)}
+        mine = {e.path: e for e in manifest(root, cluster, path, block_size, local_files, reuse=known,
+                                            with_hashes=held)}
         _keep_hashes(db, [e for e in mine.values() if e.hashes is not None and e.path not in reused])
         return mine
     finally:

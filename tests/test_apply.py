@@ -20,7 +20,7 @@ import pytest
 from engine.apply import Applier
 from engine.blocks import changed_blocks, hash_file, read_ranges
 from engine.errors import PathError, ProtocolError
-from engine.manifest import Entry, same, scan_tree
+from engine.manifest import Entry, same, scan_tree, without_identity_dirs
 from engine.paths import check_rel_path, open_parent
 
 BS = 4096
@@ -652,3 +652,73 @@ def test_records_for_node_local_identity_files_are_refused(tmp_path: Path) -> No
     for path in ("srv/data/machine-id.bak", "srv/data/keysx"):
         assert applier.apply("file", dict(meta, path=path), b"ok") is True
         assert (secondary / path).read_bytes() == b"ok"
+
+
+LOCAL = ("/srv/data/conf/machine-id", "/srv/data/conf/ssh/*_key")
+
+
+def _clone_with_identity(tmp_path: Path) -> tuple[Path, Applier]:
+    """A passive whose conf/ holds two identity files among replicated ones."""
+    root = tmp_path / "secondary"
+    conf = root / "srv/data/conf"
+    (conf / "ssh").mkdir(parents=True)
+    (conf / "app").mkdir()
+    (conf / "machine-id").write_text("secondary's id\n")
+    (conf / "ssh/host_key").write_text("secondary's key\n")
+    (conf / "ssh/known_hosts").write_text("replicated\n")
+    (conf / "app/settings").write_text("replicated\n")
+    (conf / "top").write_text("replicated\n")
+    return root, Applier(root, TREES, local_files=LOCAL)
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def test_deleting_a_directory_keeps_the_identity_files_below_it(tmp_path: Path) -> None:
+    root, applier = _clone_with_identity(tmp_path)
+    assert applier.apply("delete", {"path": "srv/data/conf"}) is True
+    assert _files(root) == {"srv/data/conf/machine-id", "srv/data/conf/ssh/host_key"}
+    assert (root / "srv/data/conf/ssh/host_key").read_text() == "secondary's key\n"
+    assert not (root / "srv/data/conf/app").exists()  # nothing of its own below: gone
+    # What stays is no difference for verify: manifests leave out directories that hold only
+    # identity files, while an empty directory of the tree's own is still listed.
+    (root / "srv/data/empty").mkdir()
+    tree = Tree("/srv/data", exclude=("machine-id", "*_key"))  # as local_trees adds them
+    listed = [e.path for e in scan_tree(root, tree, block_size=BS, with_hashes=False)]
+    assert "srv/data/conf/ssh" in listed
+    kept = without_identity_dirs(root, "srv/data", list(scan_tree(root, tree, block_size=BS, with_hashes=False)),
+                                 LOCAL)
+    assert [e.path for e in kept] == ["srv/data", "srv/data/empty"]
+
+
+def test_renaming_a_directory_leaves_the_identity_files_where_they_were(tmp_path: Path) -> None:
+    root, applier = _clone_with_identity(tmp_path)
+    assert applier.apply("rename", {"path": "srv/data/conf", "dst": "srv/data/conf.old"}) is True
+    assert _files(root) == {
+        "srv/data/conf/machine-id", "srv/data/conf/ssh/host_key",
+        "srv/data/conf.old/ssh/known_hosts", "srv/data/conf.old/app/settings", "srv/data/conf.old/top",
+    }
+    assert (root / "srv/data/conf/machine-id").read_text() == "secondary's id\n"
+
+
+@pytest.mark.parametrize("op, meta, data", [
+    ("file", {"path": "srv/data/conf", "gid": None, "size": 2, "mode": 0o644, "mtime_ns": 0, "fresh": True}, b"no"),
+    ("symlink", {"path": "srv/data/conf", "target": "elsewhere", "mtime_ns": 0}, b""),
+    ("rename", {"path": "srv/data/other", "dst": "srv/data/conf"}, b""),
+])
+def test_replacing_a_directory_that_holds_identity_files_is_refused_whole(
+        tmp_path: Path, op: str, meta: dict[str, Any], data: bytes) -> None:
+    root, applier = _clone_with_identity(tmp_path)
+    (root / "srv/data/other").write_text("would replace conf\n")
+    before = {p: (root / p).read_bytes() for p in _files(root)}
+    with pytest.raises(PathError, match="srv/data/conf/.*node-local identity file"):
+        applier.apply(op, meta, data)
+    applier.end_batch()
+    assert {p: (root / p).read_bytes() for p in _files(root)} == before
+
+
+def test_without_identity_files_a_directory_goes_whole(tmp_path: Path) -> None:
+    root, _ = _clone_with_identity(tmp_path)
+    assert Applier(root, TREES).apply("delete", {"path": "srv/data/conf"}) is True
+    assert not (root / "srv/data/conf").exists()

@@ -7,6 +7,7 @@ touched by the demo (the local provider).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -279,6 +280,18 @@ def test_node_local_identity_files_differ_between_clones_and_survive_verify_with
     for rel in identity:
         assert (demo.workdir / "secondary" / rel).read_text() == f"secondary's own {rel}\n", rel
     assert (demo.workdir / "primary" / "etc" / "patch-agent" / "id.dat").read_text() == "primary's own etc/patch-agent/id.dat\n"
+
+    # The active removes the directory above an identity file: the passive keeps its own file,
+    # loses what else was there, and verify still finds the clones equal.
+    (demo.workdir / "primary" / "etc" / "patch-agent" / "agent.log").write_text("replicated\n")
+    passive_log = demo.workdir / "secondary" / "etc" / "patch-agent" / "agent.log"
+    wait_for(passive_log.exists, 30, "the patch agent's log to replicate")
+    shutil.rmtree(demo.workdir / "primary" / "etc" / "patch-agent")
+    wait_for(lambda: not passive_log.exists(), 30, "the directory's removal to replicate")
+    assert (demo.workdir / "secondary" / "etc" / "patch-agent" / "id.dat").read_text() == \
+        "secondary's own etc/patch-agent/id.dat\n"
+    out = nf("verify", "--config", str(demo.config), "--json", check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("bad", ['"etc/machine-id"', '"/etc/../shadow"', '"/"'])
