@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Applier", "OPS"]
 
-OPS = ("data", "file", "mkdir", "symlink", "delete", "rename", "attr")
+OPS = ("data", "file", "files", "mkdir", "symlink", "delete", "rename", "attr")
 
 #: ioctl number of FICLONE (linux/fs.h); the fcntl module names it only from Python 3.12.
 FICLONE = getattr(fcntl, "FICLONE", 0x40049409)
@@ -96,7 +96,7 @@ class Applier:
         self._parents: dict[str, int] = {}    # dir rel -> fd, for one batch (see end_batch)
         self._tmp = itertools.count(1)
         self._ops: dict[str, Callable[[dict[str, Any], bytes], bool]] = {
-            "data": self._data, "file": self._file, "mkdir": self._mkdir, "symlink": self._symlink,
+            "data": self._data, "file": self._file, "files": self._files, "mkdir": self._mkdir, "symlink": self._symlink,
             "delete": self._delete, "rename": self._rename, "attr": self._attr,
         }
 
@@ -202,10 +202,7 @@ class Applier:
             if len(data) != size or gid is not None:
                 raise ProtocolError(f"file: {len(data)} bytes of content for a file of {size} bytes "
                                     "(expected the whole content, and no gid)")
-            if not (fresh and self._create_new(path, data, mode, mtime_ns)):
-                self._replace_whole(path, data, mode, mtime_ns)
-            if self.held is not None:
-                self.held.put(Entry(path, "file", mode, size, mtime_ns, None, hash_bytes(data, self.block_size)))
+            self._whole(path, data, mode, mtime_ns, fresh=fresh)
             return True
         stage = self._stages.pop(gid, None) if gid is not None else None
         if stage is not None and stage.path != path:
@@ -217,6 +214,37 @@ class Applier:
             stage = self._new_stage(path, f"t{next(self._tmp)}", fresh=True)
         self._commit(stage, size, mode, mtime_ns)
         return True
+
+    def _files(self, meta: dict[str, Any], data: bytes) -> bool:
+        """Small new files, each whole, their contents back to back in `data` (an initial sync
+        ships them so). Every entry is checked before any file is written."""
+        files = meta.get("files")
+        if not isinstance(files, list) or not files:
+            raise ProtocolError("files.files: expected a non-empty list of [path, size, mode, mtime_ns]")
+        checked = []
+        end = 0
+        for i, f in enumerate(files):
+            op = f"files.files[{i}]"
+            if not isinstance(f, list) or len(f) != 4:
+                raise ProtocolError(f"{op}: expected [path, size, mode, mtime_ns]")
+            fields = dict(zip(("path", "size", "mode", "mtime_ns"), f))
+            path = self._path(op, fields)
+            size = _int(op, fields, "size", 0, len(data) - end)
+            checked.append((path, end, size, _mode(op, fields), _int(op, fields, "mtime_ns")))
+            end += size
+        if end != len(data):
+            raise ProtocolError(f"files: {len(data)} bytes of content for files of {end} bytes in all")
+        view = memoryview(data)
+        for path, start, size, mode, mtime_ns in checked:
+            self._whole(path, view[start : start + size], mode, mtime_ns, fresh=True)
+        return True
+
+    def _whole(self, path: str, data: bytes | memoryview, mode: int, mtime_ns: int, *, fresh: bool) -> None:
+        """A file that arrived whole: written under its name when new, else staged and renamed."""
+        if not (fresh and self._create_new(path, data, mode, mtime_ns)):
+            self._replace_whole(path, data, mode, mtime_ns)
+        if self.held is not None:
+            self.held.put(Entry(path, "file", mode, len(data), mtime_ns, None, hash_bytes(data, self.block_size)))
 
     def _mkdir(self, meta: dict[str, Any], data: bytes) -> bool:
         path = self._path("mkdir", meta, allow_tree_root=True)
@@ -370,7 +398,7 @@ class Applier:
             self.held.retime(path, mode, mtime_ns)
         return True
 
-    def _replace_whole(self, path: str, data: bytes, mode: int, mtime_ns: int) -> None:
+    def _replace_whole(self, path: str, data: bytes | memoryview, mode: int, mtime_ns: int) -> None:
         """Stage the whole new content and rename it over whatever is at `path`."""
         stage = self._new_stage(path, f"t{next(self._tmp)}", fresh=True)
         try:
@@ -382,7 +410,7 @@ class Applier:
         stage.digests = None  # the whole content is at hand: the caller hashes it
         self._commit(stage, len(data), mode, mtime_ns)
 
-    def _create_new(self, path: str, data: bytes, mode: int, mtime_ns: int) -> bool:
+    def _create_new(self, path: str, data: bytes | memoryview, mode: int, mtime_ns: int) -> bool:
         """Write a small new file straight under its name; False when the name is taken.
 
         Staging and renaming across directories doubled the directory work of an initial sync

@@ -502,12 +502,15 @@ def _enqueue(db: sqlite3.Connection, records: list[tuple[int | None, str, dict[s
 
 
 def _take(gen: Iterator[Record]) -> list[Record]:
+    """The next batch: up to BATCH_RECORDS records (a "files" record counts each file it
+    carries, which keeps the frame's header small) or BATCH_BYTES of data."""
     out: list[Record] = []
-    total = 0
+    total = count = 0
     for rec in gen:
         out.append(rec)
         total += len(rec[2])
-        if len(out) >= BATCH_RECORDS or total >= BATCH_BYTES:
+        count += len(rec[1]["files"]) if rec[0] == "files" else 1
+        if count >= BATCH_RECORDS or total >= BATCH_BYTES:
             break
     return out
 

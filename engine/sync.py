@@ -25,6 +25,11 @@ Record = tuple[str, dict[str, Any], bytes]
 
 _gids = itertools.count(1)
 
+#: Small new files travel together, whole, in one "files" record of at most this many: a line
+#: of four values each in its header instead of a record each, for a fraction of the per-file
+#: work on both ends of an initial sync of many small files.
+GROUP_FILES = 64
+
 
 @dataclass(frozen=True)
 class Difference:
@@ -92,19 +97,38 @@ def repair_records(root: Path, differences: list[Difference], *, block_size: int
     root = Path(root)
     base = os.fspath(root)
     ahead = _Prefetch(base, differences)
+    files: list[list[Any]] = []  # small new files read, not yet yielded: [path, size, mode, mtime_ns]
+    contents: list[bytes] = []
     for i, d in enumerate(differences):
         ahead.advance(i)
-        if d.kind == "extra":
-            yield "delete", {"path": d.path}, b""
-            continue
-        a = d.active
-        assert a is not None
-        if a.kind == "dir":
-            yield "mkdir", {"path": a.path, "mode": a.mode, "mtime_ns": a.mtime_ns}, b""
-        elif a.kind == "symlink":
-            yield "symlink", {"path": a.path, "target": a.target, "mtime_ns": a.mtime_ns}, b""
-        else:
-            yield from _file_records(base, a, d.passive, block_size, chunk, on_hashed)
+        for record in _records(base, d, block_size, chunk, on_hashed):
+            if record[0] == "files":
+                files += record[1]["files"]
+                contents.append(record[2])
+                if len(files) < GROUP_FILES:
+                    continue
+            if files:
+                yield "files", {"files": files}, b"".join(contents)
+                files, contents = [], []
+            if record[0] != "files":
+                yield record
+    if files:
+        yield "files", {"files": files}, b"".join(contents)
+
+
+def _records(base: str, d: Difference, block_size: int, chunk: int,
+             on_hashed: Callable[[Entry], None] | None) -> Iterator[Record]:
+    if d.kind == "extra":
+        yield "delete", {"path": d.path}, b""
+        return
+    a = d.active
+    assert a is not None
+    if a.kind == "dir":
+        yield "mkdir", {"path": a.path, "mode": a.mode, "mtime_ns": a.mtime_ns}, b""
+    elif a.kind == "symlink":
+        yield "symlink", {"path": a.path, "target": a.target, "mtime_ns": a.mtime_ns}, b""
+    else:
+        yield from _file_records(base, a, d.passive, block_size, chunk, on_hashed)
 
 
 def _file_records(base: str, a: Entry, p: Entry | None, block_size: int, chunk: int,
@@ -120,12 +144,11 @@ def _file_records(base: str, a: Entry, p: Entry | None, block_size: int, chunk: 
         mode = stat.S_IMODE(st.st_mode)
         fresh = p is None or p.kind != "file" or p.hashes is None
         if fresh and st.st_size <= INLINE_BYTES:
-            # Small and new: the whole content in the "file" record, one record instead of two.
+            # Small and new: the whole content at once, grouped with the next ones (`GROUP_FILES`).
             data = read_whole(fd, st.st_size)
             if (os.fstat(fd).st_mtime_ns, len(data)) == (st.st_mtime_ns, st.st_size) and on_hashed is not None:
                 on_hashed(Entry(a.path, "file", mode, st.st_size, st.st_mtime_ns, None, hash_bytes(data, block_size)))
-            yield "file", {"path": a.path, "gid": None, "size": len(data), "mode": mode,
-                           "mtime_ns": st.st_mtime_ns, "fresh": True}, data
+            yield "files", {"files": [[a.path, len(data), mode, st.st_mtime_ns]]}, data
             return
         gid = -next(_gids)
         if fresh:

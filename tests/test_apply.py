@@ -18,10 +18,11 @@ from typing import Any
 import pytest
 
 from engine.apply import Applier
-from engine.blocks import changed_blocks, hash_file, read_ranges
+from engine.blocks import INLINE_BYTES, changed_blocks, hash_file, read_ranges
 from engine.errors import PathError, ProtocolError
 from engine.manifest import Entry, same, scan_tree, without_identity_dirs
 from engine.paths import check_rel_path, open_parent
+from engine.sync import GROUP_FILES, diff, repair_records
 
 BS = 4096
 CHUNK = 16 * BS
@@ -722,3 +723,42 @@ def test_without_identity_files_a_directory_goes_whole(tmp_path: Path) -> None:
     root, _ = _clone_with_identity(tmp_path)
     assert Applier(root, TREES).apply("delete", {"path": "srv/data/conf"}) is True
     assert not (root / "srv/data/conf").exists()
+
+
+def test_a_sync_ships_small_new_files_grouped_and_the_passive_ends_level(nodes) -> None:
+    primary, secondary, _, applier = nodes
+    for d in range(3):
+        (primary / f"srv/data/d{d}").mkdir()
+        for i in range(GROUP_FILES):
+            (primary / f"srv/data/d{d}/f{i}").write_bytes(os.urandom(i * 7))  # empty ones too
+    (primary / "srv/data/d1/big").write_bytes(os.urandom(INLINE_BYTES + 1))  # staged in data records
+    differences = diff(manifest(primary), manifest(secondary))
+    records = list(repair_records(primary, differences, block_size=BS, chunk=CHUNK))
+    grouped = [meta["files"] for op, meta, _ in records if op == "files"]
+    assert sum(len(g) for g in grouped) == 3 * GROUP_FILES
+    assert max(len(g) for g in grouped) == GROUP_FILES
+    assert [op for op, _, _ in records].count("file") == 1  # the large one, after its data
+    apply_all(applier, records)
+    assert_level(primary, secondary)
+
+
+@pytest.mark.parametrize("files, data, message", [
+    ([], b"", r"files\.files: expected a non-empty list"),
+    ([["srv/data/a", 1, 0o644]], b"x", r"files\.files\[0\]: expected \[path, size, mode, mtime_ns\]"),
+    ([["srv/data/a", 1, 0o644, 0], ["srv/data/b", 2, 0o644, 0]], b"xy", r"files\.files\[1\]\.size: expected an integer in 0\.\.1"),
+    ([["srv/data/a", 1, 0o644, 0], ["srv/data/b", 1, 0o644, "0"]], b"xy", r"files\.files\[1\]\.mtime_ns: expected an integer"),
+    ([["srv/data/a", 1, 0o644, 0]], b"xy", r"files: 2 bytes of content for files of 1 bytes"),
+])
+def test_malformed_files_records_are_refused_whole_naming_the_entry(nodes, files, data, message) -> None:
+    _, secondary, _, applier = nodes
+    with pytest.raises(ProtocolError, match=message):
+        applier.apply("files", {"files": files}, data)
+    assert not (secondary / "srv/data/a").exists()
+
+
+def test_a_forged_path_among_grouped_files_refuses_them_all(nodes) -> None:
+    _, secondary, _, applier = nodes
+    files = [["srv/data/a", 1, 0o644, 0], ["srv/data/../../etc/passwd", 1, 0o644, 0]]
+    with pytest.raises(PathError):
+        applier.apply("files", {"files": files}, b"xy")
+    assert not (secondary / "srv/data/a").exists()
