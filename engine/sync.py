@@ -25,6 +25,8 @@ Record = tuple[str, dict[str, Any], bytes]
 
 _gids = itertools.count(1)
 
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # non-blocking: a FIFO never waits
+
 #: Small new files travel together, whole, in one "files" record of at most this many: a line
 #: of four values each in its header instead of a record each, for a fraction of the per-file
 #: work on both ends of an initial sync of many small files.
@@ -99,25 +101,29 @@ def repair_records(root: Path, differences: list[Difference], *, block_size: int
     ahead = _Prefetch(base, differences)
     files: list[list[Any]] = []  # small new files read, not yet yielded: [path, size, mode, mtime_ns]
     contents: list[bytes] = []
-    for i, d in enumerate(differences):
-        ahead.advance(i)
-        for record in _records(base, d, block_size, chunk, on_hashed):
-            if record[0] == "files":
-                files += record[1]["files"]
-                contents.append(record[2])
-                if len(files) < GROUP_FILES:
-                    continue
-            if files:
-                yield "files", {"files": files}, b"".join(contents)
-                files, contents = [], []
-            if record[0] != "files":
-                yield record
-    if files:
-        yield "files", {"files": files}, b"".join(contents)
+    try:
+        for i, d in enumerate(differences):
+            ahead.advance(i)
+            for record in _records(base, d, ahead.take(i), block_size, chunk, on_hashed):
+                if record[0] == "files":
+                    files += record[1]["files"]
+                    contents.append(record[2])
+                    if len(files) < GROUP_FILES:
+                        continue
+                if files:
+                    yield "files", {"files": files}, b"".join(contents)
+                    files, contents = [], []
+                if record[0] != "files":
+                    yield record
+        if files:
+            yield "files", {"files": files}, b"".join(contents)
+    finally:
+        ahead.close()
 
 
-def _records(base: str, d: Difference, block_size: int, chunk: int,
+def _records(base: str, d: Difference, fd: int | None, block_size: int, chunk: int,
              on_hashed: Callable[[Entry], None] | None) -> Iterator[Record]:
+    """The records of one difference; `fd` is the active's file, already open (or None)."""
     if d.kind == "extra":
         yield "delete", {"path": d.path}, b""
         return
@@ -128,15 +134,17 @@ def _records(base: str, d: Difference, block_size: int, chunk: int,
     elif a.kind == "symlink":
         yield "symlink", {"path": a.path, "target": a.target, "mtime_ns": a.mtime_ns}, b""
     else:
-        yield from _file_records(base, a, d.passive, block_size, chunk, on_hashed)
+        if fd is None:
+            try:
+                fd = os.open(f"{base}/{a.path}", _READ)
+            except OSError:
+                return  # vanished since the scan: the journal carries its delete
+        yield from _file_records(fd, a, d.passive, block_size, chunk, on_hashed)
 
 
-def _file_records(base: str, a: Entry, p: Entry | None, block_size: int, chunk: int,
+def _file_records(fd: int, a: Entry, p: Entry | None, block_size: int, chunk: int,
                   on_hashed: Callable[[Entry], None] | None) -> Iterator[Record]:
-    try:
-        fd = os.open(f"{base}/{a.path}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return  # vanished since the scan: the journal carries its delete
+    """The records of a file of the active's (`fd`, closed here) that the passive lacks or differs."""
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -201,7 +209,8 @@ def _nonzero_runs(pos: int, buf: bytes, digests: bytearray, block_size: int,
 
 
 class _Prefetch:
-    """Asks the kernel to start reading the next small files of a repair list (WILLNEED).
+    """Asks the kernel to start reading the next small files of a repair list (WILLNEED), and
+    keeps them open until they are read (one open each, not two).
 
     Large files are left out: they are read chunk by chunk, directly where not cached
     (`engine.direct`), and announcing them would pull their start through the page cache.
@@ -216,6 +225,7 @@ class _Prefetch:
         self.next = 0  # the first difference not announced yet
         self.announced: collections.deque[tuple[int, int]] = collections.deque()  # (index, bytes)
         self.pending = 0
+        self.fds: dict[int, int] = {}  # index -> the file, open
 
     def advance(self, current: int) -> None:
         while self.announced and self.announced[0][0] < current:
@@ -226,22 +236,30 @@ class _Prefetch:
             a = d.active
             if d.kind != "extra" and a is not None and a.kind == "file" and 0 < a.size < LARGE_FILE:
                 size = a.size
-                self._announce(a.path, size)
+                self._announce(self.next, a.path, size)
             self.announced.append((self.next, size))
             self.pending += size
             self.next += 1
 
-    def _announce(self, path: str, size: int) -> None:
+    def take(self, index: int) -> int | None:
+        """The open file of difference `index`, if it was announced; the caller closes it."""
+        return self.fds.pop(index, None)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def _announce(self, index: int, path: str, size: int) -> None:
         try:
-            fd = os.open(f"{self.base}/{path}", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = os.open(f"{self.base}/{path}", _READ)
         except OSError:
-            return
+            return  # vanished: its reader finds out
+        self.fds[index] = fd
         try:
             os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)
         except OSError:
             pass
-        finally:
-            os.close(fd)
 
 
 def _compare(a: Entry, p: Entry | None) -> str:

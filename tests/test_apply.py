@@ -762,3 +762,19 @@ def test_a_forged_path_among_grouped_files_refuses_them_all(nodes) -> None:
     with pytest.raises(PathError):
         applier.apply("files", {"files": files}, b"xy")
     assert not (secondary / "srv/data/a").exists()
+
+
+def test_a_repair_list_read_whole_or_abandoned_leaves_no_file_open(nodes) -> None:
+    """Small files are opened ahead of their reading (to announce them to the kernel)."""
+    primary, secondary, _, _ = nodes
+    for i in range(200):
+        (primary / f"srv/data/f{i}").write_bytes(b"x" * i)
+    differences = diff(manifest(primary), manifest(secondary))
+    before = len(os.listdir("/proc/self/fd"))
+    assert sum(len(m["files"]) for _, m, _ in repair_records(primary, differences, block_size=BS, chunk=CHUNK)) == 200
+    assert len(os.listdir("/proc/self/fd")) == before
+    records = repair_records(primary, differences, block_size=BS, chunk=CHUNK)
+    next(records)
+    assert len(os.listdir("/proc/self/fd")) > before  # the next ones are open, announced
+    records.close()
+    assert len(os.listdir("/proc/self/fd")) == before
