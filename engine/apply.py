@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.blocks import DIGEST_SIZE, data_extents, hash_bytes
-from engine.direct import pwrite_all, write_chunk
+from engine.direct import pwrite_all
 from engine.errors import PathError, ProtocolError
 from engine.held import Held, StagedDigests
 from engine.manifest import Entry
 from engine.paths import (STAGE_NAME, check_rel_path, local_matcher, makedirs_parent, open_dir, open_parent,
                           tree_of)
+from engine.writer import BackgroundWrites
 
 if TYPE_CHECKING:
     from engine.config import ProtectedTree
@@ -95,6 +96,7 @@ class Applier:
         self._stage_fds: dict[str, int] = {}  # tree rel -> its stage dir
         self._parents: dict[str, int] = {}    # dir rel -> fd, for one batch (see end_batch)
         self._tmp = itertools.count(1)
+        self._writes = BackgroundWrites()  # large chunks are written while the next records apply
         self._ops: dict[str, Callable[[dict[str, Any], bytes], bool]] = {
             "data": self._data, "file": self._file, "files": self._files, "mkdir": self._mkdir, "symlink": self._symlink,
             "delete": self._delete, "rename": self._rename, "attr": self._attr,
@@ -170,7 +172,7 @@ class Applier:
             stage = None
         if stage is None:
             stage = self._stages[gid] = self._new_stage(path, str(gid), fresh=fresh)
-        write_chunk(stage.fd, data, offset)  # large chunks around the page cache (engine.direct)
+        self._writes.write(stage.fd, data, offset)  # large chunks around the page cache (engine.direct)
         stage.end = max(stage.end, offset + len(data))
         if stage.digests is not None:
             stage.digests.add(offset, data, digests)
@@ -206,7 +208,7 @@ class Applier:
             return True
         stage = self._stages.pop(gid, None) if gid is not None else None
         if stage is not None and stage.path != path:
-            _close_stage(stage, unlink=True)
+            self._close_stage(stage, unlink=True)
             stage = None
         if stage is None:
             if not fresh and self._update_in_place(path, size, mode, mtime_ns):
@@ -404,7 +406,7 @@ class Applier:
         try:
             pwrite_all(stage.fd, data, 0)
         except BaseException:
-            _close_stage(stage, unlink=True)
+            self._close_stage(stage, unlink=True)
             raise
         stage.end = len(data)
         stage.digests = None  # the whole content is at hand: the caller hashes it
@@ -457,7 +459,7 @@ class Applier:
                     if kept is not None and kept.kind == "file" and (kept.size, kept.mtime_ns) == copied:
                         stage.base = kept
         except BaseException:
-            _close_stage(stage, unlink=True)
+            self._close_stage(stage, unlink=True)
             raise
         return stage
 
@@ -488,6 +490,7 @@ class Applier:
     def _commit(self, stage: _Stage, size: int, mode: int, mtime_ns: int) -> None:
         """Finish the staged file and rename it over its target."""
         try:
+            self._writes.wait(stage.fd)
             fd = stage.fd
             if not (stage.fresh and stage.end == size):
                 os.ftruncate(fd, size)
@@ -507,12 +510,12 @@ class Applier:
                 if self.held is not None:
                     self.held.forget(stage.path)
         except BaseException:
-            _close_stage(stage, unlink=True)
+            self._close_stage(stage, unlink=True)
             raise
         try:
             self._keep_hashes(stage, size, mode, mtime_ns)
         finally:
-            _close_stage(stage, unlink=False)
+            self._close_stage(stage, unlink=False)
 
     def _keep_hashes(self, stage: _Stage, size: int, mode: int, mtime_ns: int) -> None:
         if self.held is None or stage.digests is None:
@@ -608,10 +611,26 @@ class Applier:
             os.close(tfd)
         raise FileNotFoundError(errno.ENOENT, "stage directory kept vanishing", f"{tree.rel}/{self.stage_name}")
 
+    def _close_stage(self, stage: _Stage, *, unlink: bool) -> None:
+        """Close a stage's file once no write uses it any more; remove it with `unlink`."""
+        try:
+            self._writes.wait(stage.fd)
+        except OSError:
+            pass  # a write that failed: the stage goes, and its unit is retried or repaired
+        try:
+            os.close(stage.fd)
+        except OSError:
+            pass
+        if unlink:
+            try:
+                os.unlink(stage.name, dir_fd=stage.dir_fd)
+            except OSError:
+                pass
+
     def _drop(self, gid: int) -> None:
         stage = self._stages.pop(gid, None)
         if stage is not None:
-            _close_stage(stage, unlink=True)
+            self._close_stage(stage, unlink=True)
 
     # -- this clone's identity files ---------------------------------------------------------
     def _prune(self, parent: int, name: str, path: str) -> bool:
@@ -796,15 +815,3 @@ def _remove_dir_at(parent: int, name: str) -> None:
         return
     if stat.S_ISDIR(st.st_mode):
         shutil.rmtree(name, dir_fd=parent)
-
-
-def _close_stage(stage: _Stage, *, unlink: bool) -> None:
-    try:
-        os.close(stage.fd)
-    except OSError:
-        pass
-    if unlink:
-        try:
-            os.unlink(stage.name, dir_fd=stage.dir_fd)
-        except OSError:
-            pass
