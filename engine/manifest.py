@@ -15,9 +15,8 @@ import posixpath
 import re
 import stat
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.blocks import DIGEST_SIZE, hash_file
 from engine.errors import PathError, ProtocolError
@@ -35,9 +34,12 @@ _NOFOLLOW_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _VANISHED = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One path of a tree as a node sees it."""
+class Entry(NamedTuple):
+    """One path of a tree as a node sees it.
+
+    A named tuple rather than a frozen dataclass: a manifest holds one per path (100,000 and
+    more), and a tuple is made in a third of the time and half the memory.
+    """
 
     path: str          # relative to the root prefix, e.g. "srv/data/a"
     kind: str          # "file" | "dir" | "symlink"

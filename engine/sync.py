@@ -12,9 +12,8 @@ import itertools
 import os
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine.blocks import (DIGEST_SIZE, INLINE_BYTES, changed_blocks, hash_bytes, hash_file, new_digests, read_hashing,
                            read_ranges, read_whole, zero_digest)
@@ -33,9 +32,9 @@ _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # non-blocki
 GROUP_FILES = 64
 
 
-@dataclass(frozen=True)
-class Difference:
-    """One path where a passive differs from the active."""
+class Difference(NamedTuple):
+    """One path where a passive differs from the active (a tuple, like `Entry`: there is one
+    per file of an initial sync)."""
 
     path: str
     kind: str  # missing | extra | type | content | mode | target | mtime
