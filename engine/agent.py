@@ -24,6 +24,7 @@ from typing import Any
 from engine.alerts import Alerter
 from engine.api import ApiServer
 from engine.applications import Applications
+from engine.apply import OPS
 from engine.buffers import trim_idle
 from engine.capture import Change, Coalescer, Watcher
 from engine.channel import Channel, Link
@@ -471,7 +472,8 @@ class Agent:
 
     def _hello(self) -> dict[str, Any]:
         role = "starting" if self.starting else self.role
-        fields: dict[str, Any] = {"node": self.node.id, "role": role, "cluster": self.cluster.name}
+        # "ops": the records this node applies, so a newer active sends none it would refuse.
+        fields: dict[str, Any] = {"node": self.node.id, "role": role, "cluster": self.cluster.name, "ops": list(OPS)}
         if self.role == "active":
             fields["journal_id"] = self.state.get("journal_id")
             fields["journal_seq"] = self.state.journal_head()

@@ -275,7 +275,7 @@ class Sender:
         if not differences:
             return
         gen = repair_records(self.node.root, differences, block_size=self.settings.block_size, chunk=self.chunk,
-                             on_hashed=hashed.append)
+                             on_hashed=hashed.append, grouped="files" in (self.link.hello.get("ops") or ()))
         reading = asyncio.ensure_future(asyncio.to_thread(_take, gen))
         try:
             while True:

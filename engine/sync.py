@@ -88,13 +88,27 @@ def lanes(differences: list[Difference]) -> tuple[list[Difference], list[Differe
 
 
 def repair_records(root: Path, differences: list[Difference], *, block_size: int, chunk: int,
-                   on_hashed: Callable[[Entry], None] | None = None) -> Iterator[Record]:
+                   on_hashed: Callable[[Entry], None] | None = None, grouped: bool = True) -> Iterator[Record]:
     """Records that turn the passive's version of each differing path into the active's.
 
     `on_hashed` receives the entry of every file hashed on the way (with its digests), so the
     caller can keep them. Files further down the list are announced to the kernel ahead of
-    time: on a cold cache many small reads in flight beat one at a time.
+    time: on a cold cache many small reads in flight beat one at a time. Small new files go
+    `GROUP_FILES` to a "files" record, or with `grouped` False (a passive of an older version,
+    which does not know that op) one to a "file" record each.
     """
+    if not grouped:
+        for op, meta, data in repair_records(root, differences, block_size=block_size, chunk=chunk,
+                                             on_hashed=on_hashed, grouped=True):
+            if op != "files":
+                yield op, meta, data
+                continue
+            pos = 0
+            for path, size, mode, mtime_ns in meta["files"]:
+                yield "file", {"path": path, "gid": None, "size": size, "mode": mode, "mtime_ns": mtime_ns,
+                               "fresh": True}, data[pos : pos + size]
+                pos += size
+        return
     root = Path(root)
     base = os.fspath(root)
     ahead = _Prefetch(base, differences)

@@ -778,3 +778,17 @@ def test_a_repair_list_read_whole_or_abandoned_leaves_no_file_open(nodes) -> Non
     assert len(os.listdir("/proc/self/fd")) > before  # the next ones are open, announced
     records.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_passive_of_an_older_version_gets_small_files_one_record_each(nodes) -> None:
+    """A passive whose hello lists no "files" op (before it existed) would refuse the group."""
+    primary, secondary, _, applier = nodes
+    (primary / "srv/data/d").mkdir()
+    for i in range(GROUP_FILES + 3):
+        (primary / f"srv/data/d/f{i}").write_bytes(os.urandom(i))
+    differences = diff(manifest(primary), manifest(secondary))
+    records = list(repair_records(primary, differences, block_size=BS, chunk=CHUNK, grouped=False))
+    assert "files" not in {op for op, _, _ in records}
+    assert [op for op, _, _ in records].count("file") == GROUP_FILES + 3
+    apply_all(applier, records)
+    assert_level(primary, secondary)
