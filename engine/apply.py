@@ -27,6 +27,7 @@ import errno
 import fcntl
 import itertools
 import os
+import re
 import shutil
 import stat
 from collections.abc import Callable, Iterable
@@ -89,7 +90,10 @@ class Applier:
         # One regex for all node-local patterns: it is matched against every record's path.
         local_files = tuple(local_files)
         self._local = local_matcher(local_files)
-        self._has_local = bool(local_files)
+        # What each pattern starts with before its first wildcard: only a directory on the way
+        # to one of these, or below one, can hold an identity file, and only such a directory
+        # is walked before it is removed or renamed.
+        self._local_prefixes = tuple(re.split(r"[*?\[]", f.lstrip("/"), maxsplit=1)[0] for f in local_files)
         self.held = held if block_size > 0 else None
         self.block_size = block_size
         self._stages: dict[int, _Stage] = {}
@@ -316,7 +320,7 @@ class Applier:
         except FileNotFoundError:
             return True
         try:
-            if self._has_local and _is_dir_at(parent, name):
+            if self._may_hold_local(path) and _is_dir_at(parent, name):
                 self._prune(parent, name, path)
             else:
                 _remove_at(parent, name)
@@ -656,7 +660,7 @@ class Applier:
 
     def _local_below(self, parent: int, name: str, path: str) -> list[str]:
         """The identity files of this clone below directory `path`, relative to it."""
-        if not self._has_local:
+        if not self._may_hold_local(path):
             return []
         found: list[str] = []
         fd = os.open(name, _DIR, dir_fd=parent)
@@ -672,9 +676,14 @@ class Applier:
             os.close(fd)
         return found
 
+    def _may_hold_local(self, path: str) -> bool:
+        """Whether an identity file could be below directory `path`."""
+        below = path + "/"
+        return any(prefix.startswith(below) or below.startswith(prefix) for prefix in self._local_prefixes)
+
     def _clear_dir(self, parent: int, name: str, path: str) -> None:
         """Refuse, before anything changes, to replace a directory that holds an identity file."""
-        if self._has_local and _is_dir_at(parent, name):
+        if self._may_hold_local(path) and _is_dir_at(parent, name):
             own = self._local_below(parent, name, path)
             if own:
                 raise PathError(path, f"holds {path}/{own[0]}, a node-local identity file of this clone, "
