@@ -40,8 +40,8 @@ from engine.direct import pwrite_all
 from engine.errors import PathError, ProtocolError
 from engine.held import Held, StagedDigests
 from engine.manifest import Entry
-from engine.paths import (STAGE_NAME, check_rel_path, local_matcher, makedirs_parent, open_dir, open_parent,
-                          tree_of)
+from engine.paths import (STAGE_NAME, check_rel_path, local_files_below, local_matcher, makedirs_parent, open_dir,
+                          open_parent, tree_of)
 from engine.writer import BackgroundWrites
 
 if TYPE_CHECKING:
@@ -347,7 +347,7 @@ class Applier:
                 st = os.stat(sn, dir_fd=sp, follow_symlinks=False)
             except FileNotFoundError:
                 return True
-            own = self._local_below(sp, sn, src) if stat.S_ISDIR(st.st_mode) else []
+            own = self._local_below(sp, sn, src)
             dp, dn = makedirs_parent(self.root, dst, trusted=self._tree(dst).rel)
             try:
                 try:
@@ -660,21 +660,7 @@ class Applier:
 
     def _local_below(self, parent: int, name: str, path: str) -> list[str]:
         """The identity files of this clone below directory `path`, relative to it."""
-        if not self._may_hold_local(path):
-            return []
-        found: list[str] = []
-        fd = os.open(name, _DIR, dir_fd=parent)
-        try:
-            with os.scandir(fd) as entries:
-                for entry in entries:
-                    child = f"{path}/{entry.name}"
-                    if self._local.match(child):
-                        found.append(entry.name)
-                    elif entry.is_dir(follow_symlinks=False):
-                        found += [f"{entry.name}/{rel}" for rel in self._local_below(fd, entry.name, child)]
-        finally:
-            os.close(fd)
-        return found
+        return local_files_below(parent, name, path, self._local) if self._may_hold_local(path) else []
 
     def _may_hold_local(self, path: str) -> bool:
         """Whether an identity file could be below directory `path`."""
@@ -683,11 +669,10 @@ class Applier:
 
     def _clear_dir(self, parent: int, name: str, path: str) -> None:
         """Refuse, before anything changes, to replace a directory that holds an identity file."""
-        if self._may_hold_local(path) and _is_dir_at(parent, name):
-            own = self._local_below(parent, name, path)
-            if own:
-                raise PathError(path, f"holds {path}/{own[0]}, a node-local identity file of this clone, "
-                                      "which stays; the directory cannot be replaced")
+        own = self._local_below(parent, name, path)
+        if own:
+            raise PathError(path, f"holds {path}/{own[0]}, a node-local identity file of this clone, "
+                                  "which stays; the directory cannot be replaced")
 
     def _move(self, src: str, dst: str) -> None:
         sp, sn = open_parent(self.root, src, trusted=self._tree(src).rel)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.blocks import DIGEST_SIZE, hash_file
 from engine.errors import PathError, ProtocolError
-from engine.paths import STAGE_NAME, check_rel_path, local_matcher, open_dir, open_parent
+from engine.paths import STAGE_NAME, check_rel_path, local_files_below, local_matcher, open_dir, open_parent
 
 if TYPE_CHECKING:
     from engine.config import ProtectedTree
@@ -146,29 +146,21 @@ def without_identity_dirs(root: Path, tree_rel: str, entries: list[Entry], local
     children = collections.Counter(posixpath.dirname(e.path) for e in entries)
     dropped: set[str] = set()
     for e in reversed(entries):  # children before their parents
-        if (e.kind == "dir" and e.path != tree_rel and not children[e.path]
-                and _holds_identity(root, tree_rel, e.path, local, dropped)):
+        if e.kind == "dir" and e.path != tree_rel and not children[e.path] and _holds_identity(root, tree_rel, e.path, local):
             dropped.add(e.path)
             children[posixpath.dirname(e.path)] -= 1
     return [e for e in entries if e.path not in dropped] if dropped else entries
 
 
-def _holds_identity(root: Path, tree_rel: str, path: str, local: "re.Pattern[str]", dropped: set[str]) -> bool:
+def _holds_identity(root: Path, tree_rel: str, path: str, local: "re.Pattern[str]") -> bool:
     try:
         parent, name = open_parent(root, path, trusted=tree_rel)
     except (FileNotFoundError, PathError):
         return False
     try:
-        fd = os.open(name, _NOFOLLOW_DIR, dir_fd=parent)
-    except OSError:
-        return False
+        return bool(local_files_below(parent, name, path, local))
     finally:
         os.close(parent)
-    try:
-        with os.scandir(fd) as it:
-            return any(local.match(f"{path}/{d.name}") or f"{path}/{d.name}" in dropped for d in it)
-    finally:
-        os.close(fd)
 
 
 def same(a: Entry, b: Entry, *, mtime: bool = True) -> bool:

@@ -28,7 +28,8 @@ from engine.errors import PathError
 if TYPE_CHECKING:
     from engine.config import ProtectedTree
 
-__all__ = ["STAGE_NAME", "check_rel_path", "tree_of", "open_parent", "makedirs_parent", "open_dir", "local_matcher"]
+__all__ = ["STAGE_NAME", "check_rel_path", "tree_of", "open_parent", "makedirs_parent", "open_dir", "local_matcher",
+           "local_files_below"]
 
 #: Directory at the top of every protected tree where apply stages files.
 STAGE_NAME = ".nf-stage"
@@ -111,6 +112,30 @@ def local_matcher(local_files: Iterable[str]) -> "re.Pattern[str]":
     """One regex for a node's identity files (absolute globs), matched against relative paths
     such as "etc/machine-id"; it matches nothing when there are none."""
     return re.compile("|".join(fnmatch.translate(f.lstrip("/")) for f in local_files) or "(?!)")
+
+
+def local_files_below(parent: int, name: str, path: str, local: "re.Pattern[str]") -> list[str]:
+    """What `local` matches below directory `name` in `parent` (the tree's `path`), relative to
+    it; a match that is a directory is not looked into. Never follows a symlink; [] when `name`
+    is missing or not a directory."""
+    try:
+        fd = os.open(name, _NOFOLLOW_DIR, dir_fd=parent)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return []
+        raise
+    found: list[str] = []
+    try:
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                child = f"{path}/{entry.name}"
+                if local.match(child):
+                    found.append(entry.name)
+                elif entry.is_dir(follow_symlinks=False):
+                    found += [f"{entry.name}/{rel}" for rel in local_files_below(fd, entry.name, child, local)]
+    finally:
+        os.close(fd)
+    return found
 
 
 def open_parent(root: Path, rel: str, *, trusted: str = "") -> tuple[int, str]:

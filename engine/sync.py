@@ -97,18 +97,6 @@ def repair_records(root: Path, differences: list[Difference], *, block_size: int
     `GROUP_FILES` to a "files" record, or with `grouped` False (a passive of an older version,
     which does not know that op) one to a "file" record each.
     """
-    if not grouped:
-        for op, meta, data in repair_records(root, differences, block_size=block_size, chunk=chunk,
-                                             on_hashed=on_hashed, grouped=True):
-            if op != "files":
-                yield op, meta, data
-                continue
-            pos = 0
-            for path, size, mode, mtime_ns in meta["files"]:
-                yield "file", {"path": path, "gid": None, "size": size, "mode": mode, "mtime_ns": mtime_ns,
-                               "fresh": True}, data[pos : pos + size]
-                pos += size
-        return
     root = Path(root)
     base = os.fspath(root)
     ahead = _Prefetch(base, differences)
@@ -118,6 +106,8 @@ def repair_records(root: Path, differences: list[Difference], *, block_size: int
         for i, d in enumerate(differences):
             ahead.advance(i)
             for record in _records(base, d, ahead.take(i), block_size, chunk, on_hashed):
+                if record[0] == "files" and not grouped:
+                    record = _one_file(record)
                 if record[0] == "files":
                     files += record[1]["files"]
                     contents.append(record[2])
@@ -132,6 +122,12 @@ def repair_records(root: Path, differences: list[Difference], *, block_size: int
             yield "files", {"files": files}, b"".join(contents)
     finally:
         ahead.close()
+
+
+def _one_file(record: Record) -> Record:
+    """A "files" record of one file as the "file" record that carried it before "files" existed."""
+    [(path, size, mode, mtime_ns)] = record[1]["files"]
+    return "file", {"path": path, "gid": None, "size": size, "mode": mode, "mtime_ns": mtime_ns, "fresh": True}, record[2]
 
 
 def _records(base: str, d: Difference, fd: int | None, block_size: int, chunk: int,

@@ -58,8 +58,3 @@ class BackgroundWrites:
         for exc in errors:
             if exc is not None:
                 raise exc
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None

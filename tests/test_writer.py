@@ -24,7 +24,6 @@ def test_writes_land_in_order_and_wait_returns_once_they_are_on_the_file(tmp_pat
         data = os.pread(fd, 6 * MIB, 0)
     finally:
         os.close(fd)
-        writes.close()
     later = b"later" * (MIN_BYTES // 5 + 1)
     assert data[: len(later)] == later
     assert data[len(later) :] == b"".join(chunks)[len(later) :]
@@ -41,7 +40,6 @@ def test_a_failed_write_is_raised_by_wait_for_its_file(tmp_path: Path) -> None:
         writes.wait(fd)  # reported once
     finally:
         os.close(fd)
-        writes.close()
 
 
 def test_small_writes_are_done_at_once(tmp_path: Path) -> None:
