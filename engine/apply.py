@@ -6,6 +6,8 @@ over the target by its "file" record, so readers see the old version or the new 
 mix; a small new file comes whole in its "file" record and is staged the same way. Every other record changes one thing atomically (rename, symlink swap, chmod, utime,
 truncate) or is a no-op when its effect is already there, so any record may be applied twice:
 after a crash the receiver replays from the first record of the unit that was not committed.
+A delete or rename replays safely only while nothing has come back to its path, so the
+receiver commits before any record that brings something back (`needs_commit_before`).
 
 Every path is checked (`engine.paths.check_rel_path`) and resolved from the root prefix one
 component at a time without following symlinks, so a record can reach neither outside the
@@ -14,8 +16,9 @@ never followed.
 
 A clone's node-local identity files (machine-id, host keys, a patch agent's id) never
 replicate, and what the active does to a directory above them does not take them either:
-deleting the directory keeps them and the directories leading to them, renaming it leaves them
-where they were, and replacing it with a file or symlink is refused.
+deleting the directory keeps them and the directories leading to them, renaming it moves every
+other entry on its own and leaves them where they were, and replacing it with a file or symlink
+is refused.
 
 Nothing here fsyncs: the receiver flushes the whole file system (syncfs) once per batch, before
 it commits the applied position, which makes a batch durable at the cost of one flush instead of
@@ -100,6 +103,8 @@ class Applier:
         self._stage_fds: dict[str, int] = {}  # tree rel -> its stage dir
         self._parents: dict[str, int] = {}    # dir rel -> fd, for one batch (see end_batch)
         self._tmp = itertools.count(1)
+        self._gone: set[str] = set()  # paths deleted or renamed away since the last commit
+        self._above_gone: set[str] = set()  # and the directories above them
         self._writes = BackgroundWrites()  # large chunks are written while the next records apply
         self._ops: dict[str, Callable[[dict[str, Any], bytes], bool]] = {
             "data": self._data, "file": self._file, "files": self._files, "mkdir": self._mkdir, "symlink": self._symlink,
@@ -121,6 +126,32 @@ class Applier:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ProtocolError(f"{op}: expected bytes for data, got {type(data).__name__}")
         return handler(meta, data)
+
+    def needs_commit_before(self, op: str, meta: dict[str, Any]) -> bool:
+        """Whether what was applied since `committed` must be committed before this record.
+
+        Replay after a crash repeats every record after the last commit, and a delete or rename
+        repeated is harmless only while nothing has come back to its path: "rename log to
+        log.1, create log" replayed would move the new log over log.1. So a record that brings
+        something back to, above or below a path deleted or renamed away since the last commit
+        starts a new unit of replay.
+        """
+        if not self._gone or not isinstance(meta, dict):
+            return False
+        if op == "rename":
+            new = [meta.get("dst")]
+        elif op in ("mkdir", "symlink", "file"):
+            new = [meta.get("path")]
+        elif op == "files" and isinstance(meta.get("files"), list):
+            new = [e[0] for e in meta["files"] if isinstance(e, list) and e]
+        else:
+            return False
+        return any(isinstance(path, str) and self._near_gone(path) for path in new)
+
+    def committed(self) -> None:
+        """The receiver's applied position now covers every record applied: none replays."""
+        self._gone.clear()
+        self._above_gone.clear()
 
     def end_batch(self) -> None:
         """Forget the directories opened for this batch.
@@ -315,6 +346,7 @@ class Applier:
                 os.close(fd)
         if self.held is not None:
             self.held.forget(path)
+        self._went(path)
         try:
             parent, name = open_parent(self.root, path, trusted=tree.rel)
         except FileNotFoundError:
@@ -338,6 +370,7 @@ class Applier:
         if src.startswith(dst + "/"):
             raise PathError(dst, f"holds {src!r}, the path being renamed")
         self.end_batch()
+        self._went(src)
         try:
             sp, sn = open_parent(self.root, src, trusted=self._tree(src).rel)
         except FileNotFoundError:
@@ -350,23 +383,55 @@ class Applier:
             own = self._local_below(sp, sn, src)
             dp, dn = makedirs_parent(self.root, dst, trusted=self._tree(dst).rel)
             try:
-                try:
-                    dst_st = os.stat(dn, dir_fd=dp, follow_symlinks=False)
-                except FileNotFoundError:
-                    dst_st = None
-                if dst_st is not None and (stat.S_ISDIR(dst_st.st_mode) or stat.S_ISDIR(st.st_mode)):
-                    self._clear_dir(dp, dn, dst)  # rename(2) replaces only a non-directory or an empty one
-                    _remove_at(dp, dn)
-                os.rename(sn, dn, src_dir_fd=sp, dst_dir_fd=dp)
+                if own:
+                    self._move_around(sp, sn, dp, dn, dst, frozenset(own))
+                else:
+                    self._replace(sp, sn, dp, dn, dst, stat.S_ISDIR(st.st_mode))
             finally:
                 os.close(dp)
         finally:
             os.close(sp)
-        for rel in own:  # this clone's identity files stay where they were
-            self._move(f"{dst}/{rel}", f"{src}/{rel}")
         if self.held is not None:
             self.held.move(src, dst)
         return True
+
+    def _replace(self, sp: int, sn: str, dp: int, dn: str, dst: str, src_is_dir: bool) -> None:
+        """rename(2), which replaces only a non-directory or an empty one: a directory in the
+        way goes first (unless it holds an identity file), as a directory renamed over a file."""
+        if _is_dir_at(dp, dn) or (src_is_dir and _lexists_at(dp, dn)):
+            self._clear_dir(dp, dn, dst)
+            _remove_at(dp, dn)
+        os.rename(sn, dn, src_dir_fd=sp, dst_dir_fd=dp)
+
+    def _move_around(self, sp: int, sn: str, dp: int, dn: str, dst: str, own: frozenset[str], rel: str = "") -> None:
+        """Rename directory `sn` to `dn` but for this clone's identity files (`own`, relative to
+        the top directory) and the directories leading to them, which stay where they are.
+
+        Every other entry is renamed on its own into a directory made for it, so the identity
+        files never leave their place, and a crash part-way leaves a move that replay finishes.
+        """
+        sfd = os.open(sn, _DIR, dir_fd=sp)
+        try:
+            st = os.fstat(sfd)
+            if not _is_dir_at(dp, dn):
+                _remove_at(dp, dn)
+                os.mkdir(dn, 0o700, dir_fd=dp)
+            dfd = os.open(dn, _DIR, dir_fd=dp)
+            try:
+                for name in os.listdir(sfd):
+                    child = rel + name
+                    if child in own:
+                        continue
+                    if any(o.startswith(child + "/") for o in own):
+                        self._move_around(sfd, name, dfd, name, f"{dst}/{name}", own, child + "/")
+                    else:
+                        self._replace(sfd, name, dfd, name, f"{dst}/{name}", _is_dir_at(sfd, name))
+                os.fchmod(dfd, stat.S_IMODE(st.st_mode))
+                os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
 
     def _attr(self, meta: dict[str, Any], data: bytes) -> bool:
         path = self._path("attr", meta, allow_tree_root=True)
@@ -636,6 +701,23 @@ class Applier:
         if stage is not None:
             self._close_stage(stage, unlink=True)
 
+    # -- replay ----------------------------------------------------------------------------
+    def _went(self, path: str) -> None:
+        self._gone.add(path)
+        while "/" in path:
+            path = path.rsplit("/", 1)[0]
+            self._above_gone.add(path)
+
+    def _near_gone(self, path: str) -> bool:
+        """Whether `path` is a path gone since the last commit, above one or below one."""
+        if path in self._gone or path in self._above_gone:
+            return True
+        while "/" in path:
+            path = path.rsplit("/", 1)[0]
+            if path in self._gone:
+                return True
+        return False
+
     # -- this clone's identity files ---------------------------------------------------------
     def _prune(self, parent: int, name: str, path: str) -> bool:
         """Remove directory `path` (`name` in `parent`) but for the identity files below it and
@@ -673,17 +755,6 @@ class Applier:
         if own:
             raise PathError(path, f"holds {path}/{own[0]}, a node-local identity file of this clone, "
                                   "which stays; the directory cannot be replaced")
-
-    def _move(self, src: str, dst: str) -> None:
-        sp, sn = open_parent(self.root, src, trusted=self._tree(src).rel)
-        try:
-            dp, dn = makedirs_parent(self.root, dst, trusted=self._tree(dst).rel)
-            try:
-                os.rename(sn, dn, src_dir_fd=sp, dst_dir_fd=dp)
-            finally:
-                os.close(dp)
-        finally:
-            os.close(sp)
 
     # -- checks ----------------------------------------------------------------------------
     def _path(self, op: str, meta: dict[str, Any], *, field: str = "path", allow_tree_root: bool = False) -> str:
@@ -792,6 +863,14 @@ def _remove_at(parent: int, name: str) -> None:
             os.unlink(name, dir_fd=parent)
         except FileNotFoundError:
             pass
+
+
+def _lexists_at(parent: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _is_dir_at(parent: int, name: str) -> bool:

@@ -412,6 +412,7 @@ class Receiver:
                     log.error("%s", self.last_error)
         finally:
             self.applier.end_batch()
+            self.applier.committed()  # a sync is not replayed: a crash makes the active sync again
             self.held.flush()
             self.early_flush.kick()
 
@@ -443,8 +444,10 @@ class Receiver:
         deadline = time.monotonic() + 0.1
         done_id, done_seq, journal_id = self._done_id, self._done_seq, None
         for rid, seq, op, meta_json, data in rows:
-            self._pos = rid
             meta = json.loads(meta_json)
+            if done_id != self._done_id and self.applier.needs_commit_before(op, meta):
+                break  # this record starts the next batch, after the commit below
+            self._pos = rid
             try:
                 if op == "level":
                     done_seq, journal_id, complete = int(meta["head"]), str(meta["journal_id"]), True
@@ -478,6 +481,7 @@ class Receiver:
             values.append(("source_journal_id", journal_id))
         db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", values)
         db.execute("COMMIT")
+        self.applier.committed()
         self._done_id, self._done_seq = done_id, done_seq
         return True
 

@@ -465,6 +465,95 @@ def test_replaying_a_whole_session_twice_gives_the_same_tree(nodes) -> None:
     assert_level(primary, secondary)
 
 
+def apply_then_crash(applier: Applier, records: list[Record]) -> int:
+    """Apply `records` as the receiver does, committing only where the applier asks to, then
+    crash before the final commit and replay everything after the last one; the number of
+    commits made on the way."""
+    start = done = commits = 0  # first record not committed; one past the last whole unit
+    for i, (op, meta, data) in enumerate(records):
+        if done > start and applier.needs_commit_before(op, meta):
+            applier.committed()
+            start, commits = done, commits + 1
+        if applier.apply(op, meta, data):
+            done = i + 1
+    applier.discard_stages()  # the crash
+    apply_all(applier, records[start:])
+    return commits
+
+
+def _gone_and_back(primary: Path, active: Active, story: str) -> list[Record]:
+    """The active's changes of one story, made on `primary`, as records."""
+    d = primary / "srv/data"
+    if story == "directory renamed, then made again":
+        os.rename(d / "a", d / "b")
+        (d / "a").mkdir()
+        return active.rename("srv/data/a", "srv/data/b") + active.mkdir("srv/data/a")
+    if story == "editor save (file renamed to a backup, then written anew)":
+        os.rename(d / "log", d / "log~")
+        write(d / "log", b"new version")
+        return active.rename("srv/data/log", "srv/data/log~") + active.file("srv/data/log")
+    if story == "log rotation":
+        os.rename(d / "log.1", d / "log.2")
+        os.rename(d / "log", d / "log.1")
+        write(d / "log", os.urandom(INLINE_BYTES + 1))  # staged, in data records then a file record
+        return (active.rename("srv/data/log.1", "srv/data/log.2") + active.rename("srv/data/log", "srv/data/log.1")
+                + active.file("srv/data/log"))
+    if story == "file deleted, another renamed into its place":
+        os.unlink(d / "log")
+        os.rename(d / "log.1", d / "log")
+        return active.delete("srv/data/log") + active.rename("srv/data/log.1", "srv/data/log")
+    if story == "a directory renamed over the parent of a file renamed away":
+        os.rename(d / "a/f", d / "f")
+        os.rmdir(d / "a")
+        os.rename(d / "c", d / "a")
+        return (active.rename("srv/data/a/f", "srv/data/f") + active.delete("srv/data/a")
+                + active.rename("srv/data/c", "srv/data/a"))
+    raise AssertionError(story)
+
+
+@pytest.mark.parametrize("story, commits", [
+    ("directory renamed, then made again", 1),
+    ("editor save (file renamed to a backup, then written anew)", 1),
+    ("log rotation", 2),  # log.1 comes back, then log
+    ("file deleted, another renamed into its place", 1),
+    ("a directory renamed over the parent of a file renamed away", 1),
+])
+def test_a_crash_never_replays_a_rename_or_delete_onto_what_came_back_to_its_path(
+        nodes, story: str, commits: int) -> None:
+    """Replay repeats every record after the last commit. Repeating "rename log to log.1"
+    after a new log was written would move the new log over log.1: the applier asks for a
+    commit before anything comes back to a path deleted or renamed away since the last one."""
+    primary, secondary, active, applier = nodes
+    d = primary / "srv/data"
+    for name in ("a", "c"):
+        (d / name).mkdir()
+        write(d / name / "f", f"{name}'s content, committed before".encode())
+    for name in ("log", "log.1"):
+        write(d / name, f"{name}, committed before".encode())
+    apply_all(applier, active.mkdir("srv/data/a") + active.mkdir("srv/data/c") + active.file("srv/data/a/f")
+              + active.file("srv/data/c/f") + active.file("srv/data/log") + active.file("srv/data/log.1"))
+    applier.committed()
+
+    assert apply_then_crash(applier, _gone_and_back(primary, active, story)) == commits
+    assert_level(primary, secondary)
+
+
+def test_records_with_nothing_coming_back_are_one_unit_of_replay(nodes) -> None:
+    primary, secondary, active, applier = nodes
+    d = primary / "srv/data"
+    write(d / "x", b"x")
+    apply_all(applier, active.file("srv/data/x"))
+    applier.committed()
+    os.rename(d / "x", d / "y")
+    records = active.rename("srv/data/x", "srv/data/y")
+    write(d / "y", b"y, edited")
+    records += active.file("srv/data/y")
+    (d / "new").mkdir()
+    records += active.mkdir("srv/data/new")
+    assert apply_then_crash(applier, records) == 0
+    assert_level(primary, secondary)
+
+
 # -- refused input -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("path, reason", [
@@ -701,6 +790,26 @@ def test_renaming_a_directory_leaves_the_identity_files_where_they_were(tmp_path
         "srv/data/conf.old/ssh/known_hosts", "srv/data/conf.old/app/settings", "srv/data/conf.old/top",
     }
     assert (root / "srv/data/conf/machine-id").read_text() == "secondary's id\n"
+
+
+def test_renaming_a_directory_with_identity_files_again_after_a_crash_keeps_every_file(tmp_path: Path) -> None:
+    """Replay repeats the rename: what already moved stays moved and nothing is lost, whether
+    the crash came after the whole rename or part-way through it."""
+    root, applier = _clone_with_identity(tmp_path)
+    rename = {"path": "srv/data/conf", "dst": "srv/data/conf.old"}
+    applier.apply("rename", rename)
+    done = {p: (root / p).read_bytes() for p in _files(root)}
+    applier.apply("rename", rename)
+    assert {p: (root / p).read_bytes() for p in _files(root)} == done
+
+    root, applier = _clone_with_identity(tmp_path / "part-way")
+    (root / "srv/data/conf.old/ssh").mkdir(parents=True, mode=0o700)  # the crash came after these
+    os.rename(root / "srv/data/conf/ssh/known_hosts", root / "srv/data/conf.old/ssh/known_hosts")
+    os.rename(root / "srv/data/conf/top", root / "srv/data/conf.old/top")
+    applier.apply("rename", rename)
+    assert {p: (root / p).read_bytes() for p in _files(root)} == done
+    assert stat.S_IMODE((root / "srv/data/conf.old/ssh").stat().st_mode) == \
+        stat.S_IMODE((root / "srv/data/conf/ssh").stat().st_mode)
 
 
 @pytest.mark.parametrize("op, meta, data", [
