@@ -6,8 +6,8 @@ over the target by its "file" record, so readers see the old version or the new 
 mix; a small new file comes whole in its "file" record and is staged the same way. Every other record changes one thing atomically (rename, symlink swap, chmod, utime,
 truncate) or is a no-op when its effect is already there, so any record may be applied twice:
 after a crash the receiver replays from the first record of the unit that was not committed.
-A delete or rename replays safely only while nothing has come back to its path, so the
-receiver commits before any record that brings something back (`needs_commit_before`).
+That holds while every path names what it named at the last commit; the receiver commits
+before a record that would change that (`needs_commit_before`).
 
 Every path is checked (`engine.paths.check_rel_path`) and resolved from the root prefix one
 component at a time without following symlinks, so a record can reach neither outside the
@@ -103,8 +103,9 @@ class Applier:
         self._stage_fds: dict[str, int] = {}  # tree rel -> its stage dir
         self._parents: dict[str, int] = {}    # dir rel -> fd, for one batch (see end_batch)
         self._tmp = itertools.count(1)
-        self._gone: set[str] = set()  # paths deleted or renamed away since the last commit
-        self._above_gone: set[str] = set()  # and the directories above them
+        # Since the last commit (see needs_commit_before): paths that records changed, those
+        # deleted or renamed away, and the files made whole from records alone.
+        self._changed, self._gone, self._made_whole = _Near(), _Near(), set[str]()
         self._writes = BackgroundWrites()  # large chunks are written while the next records apply
         self._ops: dict[str, Callable[[dict[str, Any], bytes], bool]] = {
             "data": self._data, "file": self._file, "files": self._files, "mkdir": self._mkdir, "symlink": self._symlink,
@@ -125,33 +126,44 @@ class Applier:
             raise ProtocolError(f"{op}: expected an object for meta, got {type(meta).__name__}")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ProtocolError(f"{op}: expected bytes for data, got {type(data).__name__}")
-        return handler(meta, data)
+        done = handler(meta, data)
+        if op != "data":  # a data record changes only its stage
+            self._note(op, meta, data)
+        return done
 
     def needs_commit_before(self, op: str, meta: dict[str, Any]) -> bool:
         """Whether what was applied since `committed` must be committed before this record.
 
-        Replay after a crash repeats every record after the last commit, and a delete or rename
-        repeated is harmless only while nothing has come back to its path: "rename log to
-        log.1, create log" replayed would move the new log over log.1. So a record that brings
-        something back to, above or below a path deleted or renamed away since the last commit
-        starts a new unit of replay.
+        Replay after a crash repeats every record after the last commit, against a tree that
+        already holds their effect. That is harmless until a path changes what it names:
+        "rename log to log.1, write log" replayed would move the new log over log.1, and
+        "write f, rename g to f" would write over what came from g. So these start a new unit
+        of replay: a record that brings something to, above or below a path deleted or renamed
+        away since the last commit, and a rename whose source or destination records changed
+        since, unless its source is a file those records made whole (a temp file renamed into
+        place: replay makes it again).
         """
-        if not self._gone or not isinstance(meta, dict):
+        if not self._changed or not isinstance(meta, dict):
             return False
         if op == "rename":
-            new = [meta.get("dst")]
-        elif op in ("mkdir", "symlink", "file"):
+            src, dst = meta.get("path"), meta.get("dst")
+            if not isinstance(src, str) or not isinstance(dst, str):
+                return False
+            return self._gone.near(dst) or (src not in self._made_whole
+                                             and (self._changed.near(src) or self._changed.near(dst)))
+        if op in ("mkdir", "symlink", "file"):
             new = [meta.get("path")]
         elif op == "files" and isinstance(meta.get("files"), list):
             new = [e[0] for e in meta["files"] if isinstance(e, list) and e]
         else:
             return False
-        return any(isinstance(path, str) and self._near_gone(path) for path in new)
+        return any(isinstance(path, str) and self._gone.near(path) for path in new)
 
     def committed(self) -> None:
         """The receiver's applied position now covers every record applied: none replays."""
+        self._changed.clear()
         self._gone.clear()
-        self._above_gone.clear()
+        self._made_whole.clear()
 
     def end_batch(self) -> None:
         """Forget the directories opened for this batch.
@@ -346,7 +358,6 @@ class Applier:
                 os.close(fd)
         if self.held is not None:
             self.held.forget(path)
-        self._went(path)
         try:
             parent, name = open_parent(self.root, path, trusted=tree.rel)
         except FileNotFoundError:
@@ -370,7 +381,6 @@ class Applier:
         if src.startswith(dst + "/"):
             raise PathError(dst, f"holds {src!r}, the path being renamed")
         self.end_batch()
-        self._went(src)
         try:
             sp, sn = open_parent(self.root, src, trusted=self._tree(src).rel)
         except FileNotFoundError:
@@ -702,21 +712,25 @@ class Applier:
             self._close_stage(stage, unlink=True)
 
     # -- replay ----------------------------------------------------------------------------
-    def _went(self, path: str) -> None:
-        self._gone.add(path)
-        while "/" in path:
-            path = path.rsplit("/", 1)[0]
-            self._above_gone.add(path)
-
-    def _near_gone(self, path: str) -> bool:
-        """Whether `path` is a path gone since the last commit, above one or below one."""
-        if path in self._gone or path in self._above_gone:
-            return True
-        while "/" in path:
-            path = path.rsplit("/", 1)[0]
-            if path in self._gone:
-                return True
-        return False
+    def _note(self, op: str, meta: dict[str, Any], data: bytes) -> None:
+        """Remember what an applied record changed, for `needs_commit_before`."""
+        if op == "files":
+            changed = [(f[0], True) for f in meta["files"]]
+        elif op == "file":  # whole when built from records alone: content in it, or a fresh stage
+            changed = [(meta["path"], bool(data) or meta["fresh"] is True)]
+        elif op == "rename":
+            changed = [(meta["path"], False), (meta["dst"], False)]
+            self._gone.add(meta["path"])
+        else:
+            changed = [(meta["path"], op == "symlink")]
+            if op == "delete":
+                self._gone.add(meta["path"])
+        for path, whole in changed:
+            self._changed.add(path)
+            if whole:
+                self._made_whole.add(path)
+            else:
+                self._made_whole.discard(path)
 
     # -- this clone's identity files ---------------------------------------------------------
     def _prune(self, parent: int, name: str, path: str) -> bool:
@@ -863,6 +877,36 @@ def _remove_at(parent: int, name: str) -> None:
             os.unlink(name, dir_fd=parent)
         except FileNotFoundError:
             pass
+
+
+class _Near:
+    """A set of paths that answers whether a path is one of them, above one or below one."""
+
+    def __init__(self) -> None:
+        self._paths: set[str] = set()
+        self._above: set[str] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self._paths)
+
+    def add(self, path: str) -> None:
+        self._paths.add(path)
+        while "/" in path:
+            path = path.rsplit("/", 1)[0]
+            self._above.add(path)
+
+    def near(self, path: str) -> bool:
+        if path in self._paths or path in self._above:
+            return True
+        while "/" in path:
+            path = path.rsplit("/", 1)[0]
+            if path in self._paths:
+                return True
+        return False
+
+    def clear(self) -> None:
+        self._paths.clear()
+        self._above.clear()
 
 
 def _lexists_at(parent: int, name: str) -> bool:

@@ -508,6 +508,16 @@ def _gone_and_back(primary: Path, active: Active, story: str) -> list[Record]:
         os.rename(d / "c", d / "a")
         return (active.rename("srv/data/a/f", "srv/data/f") + active.delete("srv/data/a")
                 + active.rename("srv/data/c", "srv/data/a"))
+    if story == "file edited in place, then renamed":
+        write(d / "big", b"edit", at=BS)
+        records = active.file("srv/data/big")
+        assert records[0][1]["fresh"] is False  # changed blocks only, onto a copy of the old file
+        os.rename(d / "big", d / "big.old")
+        return records + active.rename("srv/data/big", "srv/data/big.old")
+    if story == "file written, then another renamed over it":
+        write(d / "log", b"written just before")
+        os.rename(d / "log.1", d / "log")
+        return active.file("srv/data/log") + active.rename("srv/data/log.1", "srv/data/log")
     raise AssertionError(story)
 
 
@@ -517,8 +527,10 @@ def _gone_and_back(primary: Path, active: Active, story: str) -> list[Record]:
     ("log rotation", 2),  # log.1 comes back, then log
     ("file deleted, another renamed into its place", 1),
     ("a directory renamed over the parent of a file renamed away", 1),
+    ("file edited in place, then renamed", 1),
+    ("file written, then another renamed over it", 1),
 ])
-def test_a_crash_never_replays_a_rename_or_delete_onto_what_came_back_to_its_path(
+def test_replay_after_a_crash_never_acts_on_what_came_to_a_path_later(
         nodes, story: str, commits: int) -> None:
     """Replay repeats every record after the last commit. Repeating "rename log to log.1"
     after a new log was written would move the new log over log.1: the applier asks for a
@@ -530,26 +542,44 @@ def test_a_crash_never_replays_a_rename_or_delete_onto_what_came_back_to_its_pat
         write(d / name / "f", f"{name}'s content, committed before".encode())
     for name in ("log", "log.1"):
         write(d / name, f"{name}, committed before".encode())
+    write(d / "big", os.urandom(INLINE_BYTES + 4 * BS))
     apply_all(applier, active.mkdir("srv/data/a") + active.mkdir("srv/data/c") + active.file("srv/data/a/f")
-              + active.file("srv/data/c/f") + active.file("srv/data/log") + active.file("srv/data/log.1"))
+              + active.file("srv/data/c/f") + active.file("srv/data/log") + active.file("srv/data/log.1")
+              + active.file("srv/data/big"))
     applier.committed()
 
     assert apply_then_crash(applier, _gone_and_back(primary, active, story)) == commits
     assert_level(primary, secondary)
 
 
-def test_records_with_nothing_coming_back_are_one_unit_of_replay(nodes) -> None:
+def test_temp_files_renamed_into_place_and_other_changes_are_one_unit_of_replay(nodes) -> None:
+    """No commit where replay is safe: a temp file (or symlink) written whole and renamed into
+    place is made again by replay, and a rename of what no record touched moves nothing new."""
     primary, secondary, active, applier = nodes
     d = primary / "srv/data"
-    write(d / "x", b"x")
-    apply_all(applier, active.file("srv/data/x"))
+    for name in ("x", "conf", "large"):
+        write(d / name, f"{name}, committed before".encode())
+    os.symlink("x", d / "current")
+    apply_all(applier, active.file("srv/data/x") + active.file("srv/data/conf") + active.file("srv/data/large")
+              + active.symlink("srv/data/current"))
     applier.committed()
+    records: list[Record] = []
     os.rename(d / "x", d / "y")
-    records = active.rename("srv/data/x", "srv/data/y")
+    records += active.rename("srv/data/x", "srv/data/y")
     write(d / "y", b"y, edited")
     records += active.file("srv/data/y")
-    (d / "new").mkdir()
-    records += active.mkdir("srv/data/new")
+    write(d / ".conf.tmp", b"saved atomically")
+    records += active.file("srv/data/.conf.tmp")
+    os.rename(d / ".conf.tmp", d / "conf")
+    records += active.rename("srv/data/.conf.tmp", "srv/data/conf")
+    write(d / ".large.tmp", os.urandom(INLINE_BYTES + 1))  # staged, from data records
+    records += active.file("srv/data/.large.tmp")
+    os.rename(d / ".large.tmp", d / "large")
+    records += active.rename("srv/data/.large.tmp", "srv/data/large")
+    os.symlink("y", d / ".current.tmp")
+    records += active.symlink("srv/data/.current.tmp")
+    os.rename(d / ".current.tmp", d / "current")
+    records += active.rename("srv/data/.current.tmp", "srv/data/current")
     assert apply_then_crash(applier, records) == 0
     assert_level(primary, secondary)
 
