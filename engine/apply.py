@@ -112,8 +112,10 @@ class Applier:
             "delete": self._delete, "rename": self._rename, "attr": self._attr,
         }
 
-    def apply(self, op: str, meta: dict[str, Any], data: bytes = b"") -> bool:
-        """Apply one record; True when it completes a unit (every op but "data").
+    def apply(self, op: str, meta: dict[str, Any], data: bytes = b"", *, replayable: bool = True) -> bool:
+        """Apply one record; True when it completes a unit (every op but "data"). A record that
+        is never replayed (an initial sync's, applied straight from the channel) leaves nothing
+        for `needs_commit_before` to remember with `replayable=False`.
 
         Raises ProtocolError for a malformed record, PathError for a refused path (nothing is
         changed in either case), OSError when the replica could not be changed (retry later,
@@ -127,7 +129,7 @@ class Applier:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ProtocolError(f"{op}: expected bytes for data, got {type(data).__name__}")
         done = handler(meta, data)
-        if op != "data":  # a data record changes only its stage
+        if replayable and op != "data":  # a data record changes only its stage
             self._note(op, meta, data)
         return done
 
@@ -893,6 +895,8 @@ class _Near:
         self._paths.add(path)
         while "/" in path:
             path = path.rsplit("/", 1)[0]
+            if path in self._above:
+                break  # and so is every directory above it
             self._above.add(path)
 
     def near(self, path: str) -> bool:

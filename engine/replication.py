@@ -404,7 +404,7 @@ class Receiver:
         try:
             for _seq, op, meta, data, _ts in records:
                 try:
-                    self.applier.apply(op, meta, data)
+                    self.applier.apply(op, meta, data, replayable=False)
                 except (PathError, ProtocolError) as exc:
                     self._refused(op, None, exc)
                 except OSError as exc:  # verify finds what a failed sync record left behind
@@ -412,7 +412,6 @@ class Receiver:
                     log.error("%s", self.last_error)
         finally:
             self.applier.end_batch()
-            self.applier.committed()  # a sync is not replayed: a crash makes the active sync again
             self.held.flush()
             self.early_flush.kick()
 
