@@ -900,6 +900,8 @@ class _Near:
             self._above.add(path)
 
     def near(self, path: str) -> bool:
+        if not self._paths:
+            return False
         if path in self._paths or path in self._above:
             return True
         while "/" in path:

@@ -408,7 +408,7 @@ class Receiver:
                 except (PathError, ProtocolError) as exc:
                     self._refused(op, None, exc)
                 except OSError as exc:  # verify finds what a failed sync record left behind
-                    self.last_error = f"sync {op} {meta.get('path')}: {exc}"
+                    self.last_error = f"sync {op} {_subject(meta)}: {exc}"
                     log.error("%s", self.last_error)
         finally:
             self.applier.end_batch()
@@ -456,7 +456,7 @@ class Receiver:
                 self._refused(op, seq, exc)
                 complete = True
             except OSError as exc:
-                self.last_error = f"apply {op} {meta.get('path')}: {exc}"
+                self.last_error = f"apply {op} {_subject(meta)}: {exc}"
                 log.error("%s", self.last_error)
                 self._pos = done_id
                 self.applier.discard_stages()
@@ -491,6 +491,15 @@ class Receiver:
             )
         except sqlite3.Error:
             pass
+
+
+def _subject(meta: dict[str, Any]) -> str:
+    """What a record is about, for an error message: its path, or the paths a "files" record carries."""
+    files = meta.get("files")
+    if isinstance(files, list) and files:
+        first = files[0][0] if isinstance(files[0], list) and files[0] else "?"
+        return f"{first} (and {len(files) - 1} more)" if len(files) > 1 else str(first)
+    return str(meta.get("path"))
 
 
 def _enqueue(db: sqlite3.Connection, records: list[tuple[int | None, str, dict[str, Any], bytes, float]],

@@ -5,6 +5,8 @@ Driven in-process on a real state database and replica (no channel): records are
 """
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +60,15 @@ def test_records_with_nothing_coming_back_commit_as_one_batch(tmp_path: Path) ->
            ("delete", {"path": "srv/data/c"}))
     assert rx._apply_batch()
     assert rx.state.get_int("applied_seq") == 3
+
+
+def test_a_sync_record_that_cannot_be_applied_is_reported_by_its_paths(tmp_path: Path, monkeypatch) -> None:
+    rx, _ = _receiver(tmp_path)
+
+    def disk_full(*args: Any, **kwargs: Any) -> bool:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(rx.applier, "apply", disk_full)
+    files = [["srv/data/a", 1, 0o644, 0], ["srv/data/b", 1, 0o644, 0]]
+    rx._apply_direct([(None, "files", {"files": files}, b"ab", 0.0)])
+    assert rx.last_error == "sync files srv/data/a (and 1 more): [Errno 28] No space left on device"
