@@ -433,9 +433,10 @@ class Receiver:
             await self.queued.wait()
 
     def _apply_batch(self) -> bool:
-        """Apply queued records for up to ~100 ms, then commit the applied position once."""
-        db = self.apply_db
-        rows = db.execute(
+        """Apply queued records for up to ~100 ms, then commit the applied position once (and
+        before any record that a replay from the last commit must not see coming: see
+        `Applier.needs_commit_before`)."""
+        rows = self.apply_db.execute(
             "SELECT id, seq, op, meta, data FROM recvq WHERE id > ? ORDER BY id LIMIT 2000", (self._pos,)
         ).fetchall()
         if not rows:
@@ -445,7 +446,8 @@ class Receiver:
         for rid, seq, op, meta_json, data in rows:
             meta = json.loads(meta_json)
             if done_id != self._done_id and self.applier.needs_commit_before(op, meta):
-                break  # this record starts the next batch, after the commit below
+                self._commit(done_id, done_seq, journal_id)
+                journal_id = None
             self._pos = rid
             try:
                 if op == "level":
@@ -469,9 +471,14 @@ class Receiver:
             if time.monotonic() > deadline:
                 break
         self.applier.end_batch()
-        if done_id == self._done_id:
-            return True  # a unit still in progress, or a retry after an I/O error
+        if done_id != self._done_id:
+            self._commit(done_id, done_seq, journal_id)
+        return True  # progress, a unit still in progress, or a retry after an I/O error
+
+    def _commit(self, done_id: int, done_seq: int, journal_id: str | None) -> None:
+        """Make what was applied durable, then record it applied: a crash replays only after it."""
         syncfs(self.node.root)
+        db = self.apply_db
         db.execute("BEGIN IMMEDIATE")
         self.held.flush()
         db.execute("DELETE FROM recvq WHERE id <= ?", (done_id,))
@@ -482,7 +489,6 @@ class Receiver:
         db.execute("COMMIT")
         self.applier.committed()
         self._done_id, self._done_seq = done_id, done_seq
-        return True
 
     def state_event(self, level: str, kind: str, message: str) -> None:
         try:

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from engine.config import load_cluster, load_node
 from engine.init import NodePlan, init_cluster
 from engine.replication import Receiver, _enqueue
@@ -27,38 +29,81 @@ def _receiver(tmp_path: Path) -> tuple[Receiver, Path]:
     return Receiver(State(node.state_dir), cluster, node, on_event=lambda *a, **k: None), data
 
 
-def _queue(rx: Receiver, *records: tuple[str, dict[str, Any]]) -> None:
+def _queue(rx: Receiver, *records: tuple[Any, ...]) -> None:
+    """Queue records, each (op, meta) or (op, meta, data), as received from the active."""
     first = rx.received_seq + 1
-    rows = [(first + i, op, meta, b"", 0.0) for i, (op, meta) in enumerate(records)]
+    rows = [(first + i, r[0], r[1], r[2] if len(r) > 2 else b"", 0.0) for i, r in enumerate(records)]
     _enqueue(rx.db, rows, first + len(rows) - 1)
     rx.received_seq = first + len(rows) - 1
 
 
-def test_a_record_bringing_back_a_path_renamed_away_starts_a_new_batch(tmp_path: Path) -> None:
+def _commits(rx: Receiver, data: Path, monkeypatch) -> list[tuple[int, list[str]]]:
+    """Every commit of the applied position from now on: the sequence, and the tree then."""
+    seen: list[tuple[int, list[str]]] = []
+    commit = rx._commit
+
+    def spy(done_id: int, done_seq: int, journal_id: str | None) -> None:
+        seen.append((done_seq, sorted(str(p.relative_to(data)) for p in data.rglob("*"))))
+        commit(done_id, done_seq, journal_id)
+
+    monkeypatch.setattr(rx, "_commit", spy)
+    return seen
+
+
+def test_a_record_bringing_back_a_path_renamed_away_is_applied_after_a_commit(tmp_path: Path, monkeypatch) -> None:
     """Committed at the rename, a crash cannot replay "rename a to b" after a new a exists."""
     rx, data = _receiver(tmp_path)
     (data / "a").mkdir()
     (data / "a/f").write_text("a's content")
+    commits = _commits(rx, data, monkeypatch)
     _queue(rx, ("rename", {"path": "srv/data/a", "dst": "srv/data/b"}),
            ("attr", {"path": "srv/data/b", "mode": 0o755, "mtime_ns": 0}),
            ("mkdir", {"path": "srv/data/a", "mode": 0o755, "mtime_ns": 0}))
 
     assert rx._apply_batch()
-    assert rx.state.get_int("applied_seq") == 2  # the rename and the attr, not the mkdir
-    assert not (data / "a").exists()
-    assert rx._apply_batch()
+    assert commits == [(2, ["b", "b/f"]), (3, ["a", "b", "b/f"])]  # the rename and the attr, then the mkdir
     assert rx.state.get_int("applied_seq") == 3
-    assert (data / "a").is_dir() and (data / "b/f").read_text() == "a's content"
+    assert (data / "b/f").read_text() == "a's content"
     assert not rx._apply_batch()  # the queue is empty
 
 
-def test_records_with_nothing_coming_back_commit_as_one_batch(tmp_path: Path) -> None:
+class Crash(Exception):
+    """The agent dies: nothing after this point runs."""
+
+
+def test_a_passive_killed_before_its_commit_replays_log_rotation_without_losing_a_generation(
+        tmp_path: Path, monkeypatch) -> None:
+    rx, data = _receiver(tmp_path)
+    for name in ("log", "log.1"):
+        (data / name).write_text(f"{name} as it was")
+    _queue(rx, ("rename", {"path": "srv/data/log.1", "dst": "srv/data/log.2"}),
+           ("rename", {"path": "srv/data/log", "dst": "srv/data/log.1"}),
+           ("file", {"path": "srv/data/log", "gid": None, "size": 3, "mode": 0o644, "mtime_ns": 0, "fresh": True}, b"new"))
+    commit = rx._commit
+
+    def crash_at_the_last(done_id: int, done_seq: int, journal_id: str | None) -> None:
+        if done_seq == 3:
+            raise Crash
+        commit(done_id, done_seq, journal_id)
+
+    monkeypatch.setattr(rx, "_commit", crash_at_the_last)
+    with pytest.raises(Crash):
+        rx._apply_batch()
+    restarted = Receiver(State(rx.node.state_dir), rx.cluster, rx.node, on_event=lambda *a, **k: None)
+    assert restarted._apply_batch()  # the replay
+    assert {p.name: p.read_text() for p in data.iterdir() if p.is_file()} == {
+        "log": "new", "log.1": "log as it was", "log.2": "log.1 as it was"}
+
+
+def test_records_with_nothing_coming_back_commit_as_one_batch(tmp_path: Path, monkeypatch) -> None:
     rx, data = _receiver(tmp_path)
     (data / "a").mkdir()
+    commits = _commits(rx, data, monkeypatch)
     _queue(rx, ("rename", {"path": "srv/data/a", "dst": "srv/data/b"}),
            ("mkdir", {"path": "srv/data/c", "mode": 0o755, "mtime_ns": 0}),
            ("delete", {"path": "srv/data/c"}))
     assert rx._apply_batch()
+    assert [seq for seq, _ in commits] == [3]
     assert rx.state.get_int("applied_seq") == 3
 
 
