@@ -39,6 +39,7 @@ from engine.netprobe import parse_target, probe_all
 from engine.plugins import Plugins
 from engine.protocol import Codec, Message
 from engine.replication import ManifestWaiter, PeerProgress, Receiver, Sender
+from engine.single import hold_node_lock
 from engine.state import State
 from engine.tls import client_context, server_context
 from engine.switchover import switchover
@@ -142,8 +143,8 @@ class Agent:
         self.event("info", "agent_started", f"agent {self.node.id} started as {self.role} at epoch {self.epoch}")
         for tree in self.cluster.protected:
             (self.node.root / tree.rel).mkdir(parents=True, exist_ok=True)
+        await self.channel.start()  # first: a taken address ends the start before anything is served
         await self.api.start()  # answers status while capture starts on a large tree
-        await self.channel.start()
         if self.role == "active":
             await self._check_before_acting()
         self.starting = False
@@ -860,8 +861,12 @@ def run_agent(node_toml: Path) -> int:
     node = load_node(node_toml, cluster)
     keep_freed_memory()
     hand_over_sooner()
+    lock = hold_node_lock(node.id, node.state_dir)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {node.id} %(name)s %(levelname)s %(message)s")
-    asyncio.run(Agent(cluster, node).run())
+    try:
+        asyncio.run(Agent(cluster, node).run())
+    finally:
+        os.close(lock)
     return 0
 
 

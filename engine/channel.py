@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from engine.errors import ChannelAuthError, ProtocolError
+from engine.config import format_channel
+from engine.errors import ChannelAuthError, NfError, ProtocolError
 from engine.protocol import Buffer, Codec, Message
 from engine.tls import peer_node_id
 from engine.wire import FrameStream, handshake
@@ -100,7 +101,13 @@ class Channel:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._listener = socket.socket(family, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((host, port))
+        try:
+            self._listener.bind((host, port))
+        except OSError as exc:
+            self._listener.close()
+            raise NfError(f"channel address {format_channel(host, port)}: {exc.strerror or exc}",
+                          hint="another program listens there (ss -ltnp), or the address is not on this host "
+                               "(ip addr); fix it, or the node's channel in cluster.toml") from None
         self._listener.listen(64)
         self._listener.setblocking(False)
         self._spawn(self._accept_forever())

@@ -52,3 +52,35 @@ def test_status_with_a_missing_config_names_it(tmp_path: Path) -> None:
     proc = nf("status", "--config", str(tmp_path / "nope.toml"), "--json", check=False)
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["error"]["code"] == "config_error"
+
+
+def test_a_second_agent_for_a_running_node_refuses_and_leaves_the_first_serving(demo) -> None:  # type: ignore[no-untyped-def]
+    from engine.client import request
+    from engine.config import load_cluster, load_node
+
+    demo.up(nodes=2)
+    running = int((demo.workdir / "primary/agent.pid").read_text())
+    second = nf("agent", "--config", str(demo.workdir / "primary/node.toml"), check=False, timeout=60)
+    assert second.returncode == 1
+    assert f"the agent of node primary is already running (pid {running}" in " ".join(second.stderr.split())
+    node = load_node(demo.workdir / "primary/node.toml", load_cluster(demo.config))
+    assert request(node.socket, "ping")["pid"] == running  # its management socket is still its own
+
+
+def test_an_agent_whose_channel_address_is_taken_says_so_before_serving(tmp_path: Path) -> None:
+    import socket
+
+    from engine.config import load_cluster, load_node
+
+    create(tmp_path, 2)
+    cluster = load_cluster(tmp_path / "cluster.toml")
+    me = cluster.node("primary")
+    node = load_node(tmp_path / "primary/node.toml", cluster)
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind((me.channel_host, me.channel_port))
+        squatter.listen()
+        proc = nf("agent", "--config", str(tmp_path / "primary/node.toml"), check=False, timeout=60)
+    assert proc.returncode == 1
+    assert f"channel address {me.channel_host}:{me.channel_port}: Address already in use" in proc.stderr
+    assert not node.socket.exists()  # nothing was served
