@@ -13,7 +13,7 @@ from pathlib import Path
 
 from engine.errors import NfError
 
-__all__ = ["hold_node_lock", "AlreadyRunning"]
+__all__ = ["hold_node_lock", "lock_holder", "AlreadyRunning"]
 
 LOCK_NAME = "agent.lock"
 
@@ -44,3 +44,22 @@ def hold_node_lock(node_id: str, state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def lock_holder(state_dir: Path) -> int | None:
+    """The pid of the agent holding the node's lock, or None when no agent runs.
+
+    Read from /proc/locks rather than by trying the lock: a probe holding it even briefly could
+    make an agent starting at that moment believe another one runs.
+    """
+    try:
+        st = os.stat(state_dir / LOCK_NAME)
+    except FileNotFoundError:
+        return None
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in Path("/proc/locks").read_text().splitlines():
+        # "3: FLOCK  ADVISORY  WRITE 1362 fe:00:2146429 0 EOF" (a waiter's line has "->" after the number)
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where:
+            return int(fields[4])
+    return None

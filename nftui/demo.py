@@ -19,6 +19,7 @@ from typing import Any
 
 from engine import client
 from engine.errors import AgentUnreachable, NfError
+from engine.single import lock_holder
 
 NODE_IDS = ("primary", "secondary", "tertiary")
 START_TIMEOUT = 60.0
@@ -58,19 +59,24 @@ def node_ids(workdir: Path) -> list[str]:
 
 
 def pid_of(workdir: Path, node: str) -> int | None:
-    """The agent's pid if that process is alive and is an nf agent."""
+    """The agent's pid if that process is alive and is an nf agent: the one the demo started,
+    or one started by hand (`nf agent`), found by the node lock it holds."""
     try:
         pid = int((workdir / node / "agent.pid").read_text().strip())
     except (FileNotFoundError, ValueError):
-        return None
+        pid = None
+    if pid is None or not _is_agent(pid):
+        pid = lock_holder(workdir / node / "state")
+    return pid
+
+
+def _is_agent(pid: int) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         stat = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
-        return None
-    if b"engine.daemon" not in cmdline or stat.rsplit(")", 1)[1].split()[0] == "Z":
-        return None
-    return pid
+        return False
+    return b"engine.daemon" in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def start(workdir: Path, node: str) -> int:

@@ -84,3 +84,24 @@ def test_an_agent_whose_channel_address_is_taken_says_so_before_serving(tmp_path
     assert proc.returncode == 1
     assert f"channel address {me.channel_host}:{me.channel_port}: Address already in use" in proc.stderr
     assert not node.socket.exists()  # nothing was served
+
+
+def test_demo_counts_an_agent_started_by_hand_as_running(tmp_path: Path) -> None:
+    from conftest import wait_for
+    from engine.single import lock_holder
+
+    create(tmp_path, 2)
+    by_hand = subprocess.Popen([sys.executable, "-m", "nftui", "agent", "--config", str(tmp_path / "primary/node.toml")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: lock_holder(tmp_path / "primary/state") == by_hand.pid, 30, "the hand-started agent's lock")
+        assert nf("demo", "start", "--workdir", str(tmp_path), "primary").stdout.split() == \
+            ["primary", "running", "(pid", f"{by_hand.pid})"]
+        nf("demo", "up", "--workdir", str(tmp_path), "--nodes", "2", "--json")  # starts only the secondary
+        assert "stopped: primary, secondary" in nf("demo", "down", "--workdir", str(tmp_path)).stdout
+        assert by_hand.wait(timeout=30) == 0  # stopped cleanly by the demo, on SIGTERM
+    finally:
+        if by_hand.poll() is None:
+            by_hand.kill()
+            by_hand.wait()
+        nf("demo", "down", "--workdir", str(tmp_path), check=False)
