@@ -17,8 +17,8 @@ never followed.
 A clone's node-local identity files (machine-id, host keys, a patch agent's id) never
 replicate, and what the active does to a directory above them does not take them either:
 deleting the directory keeps them and the directories leading to them, renaming it moves every
-other entry on its own and leaves them where they were, and replacing it with a file or symlink
-is refused.
+other entry on its own and leaves them where they were, a directory renamed onto one that kept
+them joins them, and replacing it with a file or symlink is refused.
 
 Nothing here fsyncs: the receiver flushes the whole file system (syncfs) once per batch, before
 it commits the applied position, which makes a batch durable at the cost of one flush instead of
@@ -392,11 +392,11 @@ class Applier:
                 st = os.stat(sn, dir_fd=sp, follow_symlinks=False)
             except FileNotFoundError:
                 return True
-            own = self._local_below(sp, sn, src)
             dp, dn = makedirs_parent(self.root, dst, trusted=self._tree(dst).rel)
             try:
-                if own:
-                    self._move_around(sp, sn, dp, dn, dst, frozenset(own))
+                if stat.S_ISDIR(st.st_mode) and (self._local_below(sp, sn, src) or self._local_below(dp, dn, dst)):
+                    self._check_merge(sp, sn, src, dp, dn, dst)
+                    self._merge(sp, sn, src, dp, dn, dst)
                 else:
                     self._replace(sp, sn, dp, dn, dst, stat.S_ISDIR(st.st_mode))
             finally:
@@ -415,12 +415,14 @@ class Applier:
             _remove_at(dp, dn)
         os.rename(sn, dn, src_dir_fd=sp, dst_dir_fd=dp)
 
-    def _move_around(self, sp: int, sn: str, dp: int, dn: str, dst: str, own: frozenset[str], rel: str = "") -> None:
-        """Rename directory `sn` to `dn` but for this clone's identity files (`own`, relative to
-        the top directory) and the directories leading to them, which stay where they are.
+    def _merge(self, sp: int, sn: str, src: str, dp: int, dn: str, dst: str) -> None:
+        """Rename directory `src` to `dst` around this clone's identity files on either side.
 
-        Every other entry is renamed on its own into a directory made for it, so the identity
-        files never leave their place, and a crash part-way leaves a move that replay finishes.
+        Below `src` they and the directories leading to them stay where they are; below `dst`
+        (a directory the active renamed away before, which kept them) they stay too, and an
+        incoming entry of the same name goes. Every other entry is renamed on its own, so a
+        crash part-way leaves a move that replay finishes; nothing already below `dst` is
+        removed, as a replay finds there what the first pass moved. `_check_merge` has passed.
         """
         sfd = os.open(sn, _DIR, dir_fd=sp)
         try:
@@ -431,17 +433,52 @@ class Applier:
             dfd = os.open(dn, _DIR, dir_fd=dp)
             try:
                 for name in os.listdir(sfd):
-                    child = rel + name
-                    if child in own:
-                        continue
-                    if any(o.startswith(child + "/") for o in own):
-                        self._move_around(sfd, name, dfd, name, f"{dst}/{name}", own, child + "/")
+                    s_path, d_path = f"{src}/{name}", f"{dst}/{name}"
+                    if self._local.match(s_path):
+                        continue  # this clone's, and stays
+                    if self._local.match(d_path) and _lexists_at(dfd, name):
+                        _remove_at(sfd, name)  # this clone's own is there, and stays
+                    elif _is_dir_at(sfd, name) and (self._local_below(sfd, name, s_path)
+                                                    or self._local_below(dfd, name, d_path)):
+                        self._merge(sfd, name, s_path, dfd, name, d_path)
                     else:
-                        self._replace(sfd, name, dfd, name, f"{dst}/{name}", _is_dir_at(sfd, name))
+                        self._replace(sfd, name, dfd, name, d_path, _is_dir_at(sfd, name))
                 os.fchmod(dfd, stat.S_IMODE(st.st_mode))
                 os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
             finally:
                 os.close(dfd)
+            empty = not os.listdir(sfd)
+        finally:
+            os.close(sfd)
+        if empty:
+            os.rmdir(sn, dir_fd=sp)  # nothing of this clone's held it back
+
+    def _check_merge(self, sp: int, sn: str, src: str, dp: int, dn: str, dst: str) -> None:
+        """Refuse, before anything changes, a merge that would put an identity file of this
+        clone (or a directory leading to one) where the other side needs something else."""
+        sfd = os.open(sn, _DIR, dir_fd=sp)
+        try:
+            dfd = os.open(dn, _DIR, dir_fd=dp) if _is_dir_at(dp, dn) else None
+            try:
+                for name in os.listdir(sfd):
+                    s_path, d_path = f"{src}/{name}", f"{dst}/{name}"
+                    if self._local.match(s_path) or dfd is None:
+                        continue
+                    s_dir, d_dir = _is_dir_at(sfd, name), _is_dir_at(dfd, name)
+                    s_keeps = s_dir and self._local_below(sfd, name, s_path)
+                    d_keeps = d_dir and self._local_below(dfd, name, d_path)
+                    if self._local.match(d_path) and _lexists_at(dfd, name):
+                        if s_keeps:
+                            raise PathError(d_path, f"is a node-local identity file of this clone, and {s_path} "
+                                                    "holds some too; the directory cannot be renamed onto it")
+                    elif d_keeps and not s_dir:
+                        raise PathError(d_path, f"holds {d_path}/{d_keeps[0]}, a node-local identity file of "
+                                                "this clone, which stays; the directory cannot be replaced")
+                    elif s_dir and (s_keeps or d_keeps):
+                        self._check_merge(sfd, name, s_path, dfd, name, d_path)
+            finally:
+                if dfd is not None:
+                    os.close(dfd)
         finally:
             os.close(sfd)
 

@@ -842,6 +842,39 @@ def test_renaming_a_directory_with_identity_files_again_after_a_crash_keeps_ever
         stat.S_IMODE((root / "srv/data/conf/ssh").stat().st_mode)
 
 
+def test_a_directory_renamed_onto_one_that_kept_identity_files_joins_them(tmp_path: Path) -> None:
+    """`mv conf conf.old; mv conf.new conf` on the active (a package upgrade): on the clone,
+    conf kept its identity files, and what conf.new brings goes in around them."""
+    root, applier = _clone_with_identity(tmp_path)
+    applier.apply("rename", {"path": "srv/data/conf", "dst": "srv/data/conf.old"})
+    new = root / "srv/data/conf.new"
+    (new / "ssh").mkdir(parents=True)
+    (new / "ssh/sshd_config").write_text("new\n")
+    (new / "top").write_text("new top\n")
+    (new / "machine-id").write_text("the active's id, at an identity path\n")
+    rename = {"path": "srv/data/conf.new", "dst": "srv/data/conf"}
+    assert applier.apply("rename", rename) is True
+    after = {p: (root / p).read_text() for p in _files(root)}
+    assert {p: t for p, t in after.items() if p.startswith("srv/data/conf/")} == {
+        "srv/data/conf/machine-id": "secondary's id\n", "srv/data/conf/ssh/host_key": "secondary's key\n",
+        "srv/data/conf/ssh/sshd_config": "new\n", "srv/data/conf/top": "new top\n"}
+    assert not new.exists()
+    applier.apply("rename", rename)  # replayed
+    assert {p: (root / p).read_text() for p in _files(root)} == after
+
+
+def test_a_merge_that_would_put_a_file_where_identity_files_are_is_refused_whole(tmp_path: Path) -> None:
+    root, applier = _clone_with_identity(tmp_path)
+    applier.apply("rename", {"path": "srv/data/conf", "dst": "srv/data/conf.old"})
+    (root / "srv/data/conf.new/app").mkdir(parents=True)
+    (root / "srv/data/conf.new/app/settings").write_text("new\n")
+    (root / "srv/data/conf.new/ssh").write_text("a file where conf/ssh keeps a host key\n")
+    before = {p: (root / p).read_bytes() for p in _files(root)}
+    with pytest.raises(PathError, match="srv/data/conf/ssh.*node-local identity file"):
+        applier.apply("rename", {"path": "srv/data/conf.new", "dst": "srv/data/conf"})
+    assert {p: (root / p).read_bytes() for p in _files(root)} == before
+
+
 @pytest.mark.parametrize("op, meta, data", [
     ("file", {"path": "srv/data/conf", "gid": None, "size": 2, "mode": 0o644, "mtime_ns": 0, "fresh": True}, b"no"),
     ("symlink", {"path": "srv/data/conf", "target": "elsewhere", "mtime_ns": 0}, b""),
