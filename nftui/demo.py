@@ -85,6 +85,7 @@ def start(workdir: Path, node: str) -> int:
                         hint=f"nodes here: {', '.join(node_ids(workdir)) or 'none (run nf demo up)'}")
     pid = pid_of(workdir, node)
     if pid is not None:
+        (workdir / node / "agent.pid").write_text(f"{pid}\n")  # also for one started by hand
         return pid
     log = open(workdir / node / "agent.log", "ab")
     proc = subprocess.Popen(

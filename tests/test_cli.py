@@ -97,6 +97,7 @@ def test_demo_counts_an_agent_started_by_hand_as_running(tmp_path: Path) -> None
         wait_for(lambda: lock_holder(tmp_path / "primary/state") == by_hand.pid, 30, "the hand-started agent's lock")
         assert nf("demo", "start", "--workdir", str(tmp_path), "primary").stdout.split() == \
             ["primary", "running", "(pid", f"{by_hand.pid})"]
+        assert (tmp_path / "primary/agent.pid").read_text() == f"{by_hand.pid}\n"
         nf("demo", "up", "--workdir", str(tmp_path), "--nodes", "2", "--json")  # starts only the secondary
         assert "stopped: primary, secondary" in nf("demo", "down", "--workdir", str(tmp_path)).stdout
         assert by_hand.wait(timeout=30) == 0  # stopped cleanly by the demo, on SIGTERM
