@@ -293,6 +293,24 @@ def test_node_local_identity_files_differ_between_clones_and_survive_verify_with
     out = nf("verify", "--config", str(demo.config), "--json", check=False)
     assert out.returncode == 0, out.stdout + out.stderr
 
+    # A new version of the directory is renamed into its place (an upgrade): the passive's
+    # identity file stays, and what the new directory brings joins it.
+    new = demo.workdir / "primary" / "etc" / "patch-agent.new"
+    new.mkdir()
+    (new / "agent.conf").write_text("version 2\n")
+    (new / "id.dat").write_text("the active's new id, replicated while it has another name\n")
+    wait_for((demo.workdir / "secondary" / "etc" / "patch-agent.new" / "agent.conf").exists, 30,
+             "the new directory to replicate")
+    new.rename(demo.workdir / "primary" / "etc" / "patch-agent")
+    conf = demo.workdir / "secondary" / "etc" / "patch-agent" / "agent.conf"
+    wait_for(conf.exists, 30, "the renamed directory to replicate")
+    assert conf.read_text() == "version 2\n"
+    assert (demo.workdir / "secondary" / "etc" / "patch-agent" / "id.dat").read_text() == \
+        "secondary's own etc/patch-agent/id.dat\n"
+    assert not (demo.workdir / "secondary" / "etc" / "patch-agent.new").exists()
+    out = nf("verify", "--config", str(demo.config), "--json", check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
 
 @pytest.mark.parametrize("bad", ['"etc/machine-id"', '"/etc/../shadow"', '"/"'])
 def test_a_bad_local_file_names_the_field(tmp_path: Path, bad: str) -> None:
