@@ -10,6 +10,8 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import os
+import random
+import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 
 from engine.apply import Applier
-from engine.blocks import INLINE_BYTES, changed_blocks, hash_file, read_ranges
+from engine.blocks import INLINE_BYTES, changed_blocks, hash_bytes, hash_file, read_ranges
 from engine.errors import PathError, ProtocolError
 from engine.manifest import Entry, same, scan_tree, without_identity_dirs
 from engine.paths import check_rel_path, open_parent
@@ -85,6 +87,15 @@ class Active:
             os.close(fd)
         self.shipped[rel] = hashes
         return out
+
+    def whole(self, rel: str) -> list[Record]:
+        """A small file with its content in its "file" record, as the journaler ships a new one."""
+        content = (self.root / rel).read_bytes()
+        st = os.lstat(self.root / rel)
+        fresh = rel not in self.shipped
+        self.shipped[rel] = hash_bytes(content, BS)
+        return [("file", {"path": rel, "gid": None, "size": len(content), "mode": stat.S_IMODE(st.st_mode),
+                          "mtime_ns": st.st_mtime_ns, "fresh": fresh}, content)]
 
     def mkdir(self, rel: str) -> list[Record]:
         st = os.lstat(self.root / rel)
@@ -481,6 +492,103 @@ def apply_then_crash(applier: Applier, records: list[Record]) -> int:
     return commits
 
 
+def _random_story(primary: Path, active: Active, rng: random.Random, steps: int) -> list[Record]:
+    """`steps` random changes on the active, over a few names so that paths come and go, each
+    shipped as records once it succeeded (an impossible one, like renaming a directory into
+    itself, is skipped as the file system refuses it)."""
+    top = primary / "srv/data"
+    records: list[Record] = []
+    recent: list[str] = []  # half the time a change names a path one of the last few named
+
+    def pick() -> str:
+        if recent and rng.random() < 0.5:
+            return rng.choice(recent[-4:])
+        rel = "/".join(rng.choice("abcd") for _ in range(rng.randint(1, 3)))
+        recent.append(rel)
+        return rel
+
+    def real_dir(rel: str) -> bool:  # no symlink on the way: the active writes there, not through one
+        path = top
+        for part in [p for p in rel.split("/") if p]:
+            path = path / part
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return False
+        return True
+
+    for _ in range(steps):
+        rel = pick()
+        path, name = top / rel, f"srv/data/{rel}"
+        kind = rng.choice(["write", "write", "edit", "rename", "rename", "delete", "mkdir", "symlink", "chmod"])
+        try:
+            if not real_dir(rel.rpartition("/")[0]):
+                continue
+            exists = os.path.lexists(path)
+            st = os.lstat(path) if exists else None
+            if kind == "write" and (st is None or stat.S_ISREG(st.st_mode)):
+                small = rng.random() < 0.5
+                path.write_bytes(os.urandom(rng.choice([0, 100]) if small else INLINE_BYTES + rng.randrange(3 * BS)))
+                records += active.whole(name) if small else active.file(name)
+            elif kind == "edit" and st is not None and stat.S_ISREG(st.st_mode) and st.st_size:
+                write(path, b"edit", at=rng.randrange(st.st_size))
+                records += active.file(name)
+            elif kind == "rename" and exists:
+                dst = pick()
+                if not real_dir(dst.rpartition("/")[0]):
+                    continue
+                os.rename(path, top / dst)
+                records += active.rename(name, f"srv/data/{dst}")
+            elif kind == "delete" and exists:
+                shutil.rmtree(path) if stat.S_ISDIR(st.st_mode) else os.unlink(path)
+                records += active.delete(name)
+            elif kind == "mkdir" and not exists:
+                path.mkdir(mode=rng.choice([0o755, 0o700]))
+                records += active.mkdir(name)
+            elif kind == "symlink" and not exists:
+                os.symlink(rng.choice(["a", "../b", "c/d"]), path)
+                records += active.symlink(name)
+            elif kind == "chmod" and st is not None and not stat.S_ISLNK(st.st_mode):
+                os.chmod(path, rng.choice([0o600, 0o644, 0o755]))
+                records += active.attr(name)
+        except OSError:
+            continue  # refused by the file system: nothing changed, nothing to ship
+    return records
+
+
+def apply_with_crashes(secondary: Path, records: list[Record], rng: random.Random) -> int:
+    """Apply `records` as the receiver does: batches end where the applier asks and at random
+    unit ends (long ones, so that a replay has much to repeat), and the passive dies about once
+    in ten records and replays from its last commit. Returns the number of crashes."""
+    applier = Applier(secondary, TREES)
+    i = start = done = crashes = 0  # next record; first not committed; one past the last whole unit
+    first = rng.randrange(max(1, len(records)))  # one crash at least, anywhere
+    while i < len(records):
+        op, meta, data = records[i]
+        if done > start and (rng.random() < 0.05 or applier.needs_commit_before(op, meta)):
+            applier.committed()
+            start = done
+        # The passive dies before this record; a new process starts again at the last commit.
+        if (i == first and not crashes) or rng.random() < 0.1:
+            applier.discard_stages()
+            applier = Applier(secondary, TREES)
+            applier.discard_stages()
+            i = done = start
+            crashes += 1
+            continue
+        if applier.apply(op, meta, data):
+            done = i + 1
+        i += 1
+    return crashes
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_changes_end_level_however_often_the_passive_dies(nodes, seed: int) -> None:
+    primary, secondary, active, _ = nodes
+    rng = random.Random(seed)
+    records = _random_story(primary, active, rng, steps=400)
+    assert apply_with_crashes(secondary, records, rng) > 0
+    assert_level(primary, secondary)
+
+
 def _gone_and_back(primary: Path, active: Active, story: str) -> list[Record]:
     """The active's changes of one story, made on `primary`, as records."""
     d = primary / "srv/data"
@@ -516,8 +624,9 @@ def _gone_and_back(primary: Path, active: Active, story: str) -> list[Record]:
         return records + active.rename("srv/data/big", "srv/data/big.old")
     if story == "file written, then another renamed over it":
         write(d / "log", b"written just before")
+        records = active.file("srv/data/log")  # read before the rename, as the journaler does
         os.rename(d / "log.1", d / "log")
-        return active.file("srv/data/log") + active.rename("srv/data/log.1", "srv/data/log")
+        return records + active.rename("srv/data/log.1", "srv/data/log")
     raise AssertionError(story)
 
 
