@@ -1023,6 +1023,23 @@ def test_a_sync_ships_small_new_files_grouped_and_the_passive_ends_level(nodes) 
     assert_level(primary, secondary)
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_a_sync_between_two_random_trees_ends_level(tmp_path: Path, seed: int) -> None:
+    """Whatever stands where on either side (a file where a directory is, a link where a file
+    is, deep trees on one side only), the differences' repair records make the passive level."""
+    rng = random.Random(seed)
+    trees = {}
+    for name in ("primary", "secondary"):
+        root = tmp_path / name
+        (root / "srv/data").mkdir(parents=True)
+        _random_story(root, Active(root), rng, steps=150)
+        trees[name] = root
+    primary, secondary = trees["primary"], trees["secondary"]
+    records = list(repair_records(primary, diff(manifest(primary), manifest(secondary)), block_size=BS, chunk=CHUNK))
+    apply_all(Applier(secondary, TREES), records)
+    assert_level(primary, secondary)
+
+
 @pytest.mark.parametrize("files, data, message", [
     ([], b"", r"files\.files: expected a non-empty list"),
     ([["srv/data/a", 1, 0o644]], b"x", r"files\.files\[0\]: expected \[path, size, mode, mtime_ns\]"),
