@@ -106,6 +106,7 @@ class Applier:
         # Since the last commit (see needs_commit_before): paths that records changed, those
         # deleted or renamed away, and the files made whole from records alone.
         self._changed, self._gone, self._made_whole = _Near(), _Near(), set[str]()
+        self._refused = False  # a record was refused since the last commit
         self._writes = BackgroundWrites()  # large chunks are written while the next records apply
         self._ops: dict[str, Callable[[dict[str, Any], bytes], bool]] = {
             "data": self._data, "file": self._file, "files": self._files, "mkdir": self._mkdir, "symlink": self._symlink,
@@ -128,7 +129,11 @@ class Applier:
             raise ProtocolError(f"{op}: expected an object for meta, got {type(meta).__name__}")
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ProtocolError(f"{op}: expected bytes for data, got {type(data).__name__}")
-        done = handler(meta, data)
+        try:
+            done = handler(meta, data)
+        except (PathError, ProtocolError):
+            self._refused = replayable
+            raise
         if replayable and op != "data":  # a data record changes only its stage
             self._note(op, meta, data)
         return done
@@ -143,8 +148,12 @@ class Applier:
         of replay: a record that brings something to, above or below a path deleted or renamed
         away since the last commit, and a rename whose source or destination records changed
         since, unless its source is a file those records made whole (a temp file renamed into
-        place: replay makes it again).
+        place: replay makes it again). And any record after a refused one: replayed once the tree
+        has changed, the refused record might apply (a rename refused onto a directory that kept
+        identity files goes through once its source is a directory too).
         """
+        if self._refused:
+            return True
         if not self._changed or not isinstance(meta, dict):
             return False
         if op == "rename":
@@ -166,6 +175,7 @@ class Applier:
         self._changed.clear()
         self._gone.clear()
         self._made_whole.clear()
+        self._refused = False
 
     def end_batch(self) -> None:
         """Forget the directories opened for this batch.
