@@ -132,7 +132,8 @@ class Applier:
         try:
             done = handler(meta, data)
         except (PathError, ProtocolError):
-            self._refused = replayable
+            if replayable:
+                self._refused = True
             raise
         if replayable and op != "data":  # a data record changes only its stage
             self._note(op, meta, data)
