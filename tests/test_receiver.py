@@ -71,18 +71,25 @@ class Crash(Exception):
     """The agent dies: nothing after this point runs."""
 
 
+NEW_LOG = {"path": "srv/data/log", "size": 3, "mode": 0o644, "mtime_ns": 0, "fresh": True}
+
+
+@pytest.mark.parametrize("new_log", [
+    [("file", {**NEW_LOG, "gid": None}, b"new")],
+    # staged: the commit before the file record comes in the middle of its unit, after its data
+    [("data", {"path": "srv/data/log", "gid": 7, "offset": 0, "fresh": True}, b"new"), ("file", {**NEW_LOG, "gid": 7})],
+], ids=["whole", "staged"])
 def test_a_passive_killed_before_its_commit_replays_log_rotation_without_losing_a_generation(
-        tmp_path: Path, monkeypatch) -> None:
+        tmp_path: Path, monkeypatch, new_log: list[tuple[Any, ...]]) -> None:
     rx, data = _receiver(tmp_path)
     for name in ("log", "log.1"):
         (data / name).write_text(f"{name} as it was")
     _queue(rx, ("rename", {"path": "srv/data/log.1", "dst": "srv/data/log.2"}),
-           ("rename", {"path": "srv/data/log", "dst": "srv/data/log.1"}),
-           ("file", {"path": "srv/data/log", "gid": None, "size": 3, "mode": 0o644, "mtime_ns": 0, "fresh": True}, b"new"))
+           ("rename", {"path": "srv/data/log", "dst": "srv/data/log.1"}), *new_log)
     commit = rx._commit
 
     def crash_at_the_last(done_id: int, done_seq: int, journal_id: str | None) -> None:
-        if done_seq == 3:
+        if done_seq == 2 + len(new_log):
             raise Crash
         commit(done_id, done_seq, journal_id)
 
