@@ -13,7 +13,6 @@ import collections
 import itertools
 import json
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
