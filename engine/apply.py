@@ -405,9 +405,12 @@ class Applier:
                 return True
             dp, dn = makedirs_parent(self.root, dst, trusted=self._tree(dst).rel)
             try:
-                if stat.S_ISDIR(st.st_mode) and (self._local_below(sp, sn, src) or self._local_below(dp, dn, dst)):
-                    self._check_merge(sp, sn, src, dp, dn, dst)
-                    self._merge(sp, sn, src, dp, dn, dst)
+                # This clone's identity files below either side, relative to it: walked once.
+                kept = (_Kept(self._local_below(sp, sn, src)), _Kept(self._local_below(dp, dn, dst))) \
+                    if stat.S_ISDIR(st.st_mode) else ()
+                if any(kept):
+                    self._check_merge(sp, sn, dst, *kept)
+                    self._merge(sp, sn, dp, dn, dst, *kept)
                 else:
                     self._replace(sp, sn, dp, dn, dst, stat.S_ISDIR(st.st_mode))
             finally:
@@ -426,12 +429,13 @@ class Applier:
             _remove_at(dp, dn)
         os.rename(sn, dn, src_dir_fd=sp, dst_dir_fd=dp)
 
-    def _merge(self, sp: int, sn: str, src: str, dp: int, dn: str, dst: str) -> None:
-        """Rename directory `src` to `dst` around this clone's identity files on either side.
+    def _merge(self, sp: int, sn: str, dp: int, dn: str, dst: str, src_kept: "_Kept", dst_kept: "_Kept",
+               rel: str = "") -> None:
+        """Rename directory `sn` to `dn` around this clone's identity files on either side.
 
-        Below `src` they and the directories leading to them stay where they are; below `dst`
-        (a directory the active renamed away before, which kept them) they stay too, and an
-        incoming entry of the same name goes. Every other entry is renamed on its own, so a
+        Below the source they and the directories leading to them stay where they are; below
+        `dst` (a directory the active renamed away before, which kept them) they stay too, and
+        an incoming entry of the same name goes. Every other entry is renamed on its own, so a
         crash part-way leaves a move that replay finishes; nothing already below `dst` is
         removed, as a replay finds there what the first pass moved. `_check_merge` has passed.
         """
@@ -444,16 +448,15 @@ class Applier:
             dfd = os.open(dn, _DIR, dir_fd=dp)
             try:
                 for name in os.listdir(sfd):
-                    s_path, d_path = f"{src}/{name}", f"{dst}/{name}"
-                    if self._local.match(s_path):
+                    child = rel + name
+                    if child in src_kept:
                         continue  # this clone's, and stays
-                    if self._local.match(d_path) and _lexists_at(dfd, name):
+                    if child in dst_kept:
                         _remove_at(sfd, name)  # this clone's own is there, and stays
-                    elif _is_dir_at(sfd, name) and (self._local_below(sfd, name, s_path)
-                                                    or self._local_below(dfd, name, d_path)):
-                        self._merge(sfd, name, s_path, dfd, name, d_path)
+                    elif src_kept.leads(child) or dst_kept.leads(child):
+                        self._merge(sfd, name, dfd, name, f"{dst}/{name}", src_kept, dst_kept, child + "/")
                     else:
-                        self._replace(sfd, name, dfd, name, d_path, _is_dir_at(sfd, name))
+                        self._replace(sfd, name, dfd, name, f"{dst}/{name}", _is_dir_at(sfd, name))
                 os.fchmod(dfd, stat.S_IMODE(st.st_mode))
                 os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
             finally:
@@ -464,32 +467,25 @@ class Applier:
         if empty:
             os.rmdir(sn, dir_fd=sp)  # nothing of this clone's held it back
 
-    def _check_merge(self, sp: int, sn: str, src: str, dp: int, dn: str, dst: str) -> None:
+    def _check_merge(self, sp: int, sn: str, dst: str, src_kept: "_Kept", dst_kept: "_Kept", rel: str = "") -> None:
         """Refuse, before anything changes, a merge that would put an identity file of this
         clone (or a directory leading to one) where the other side needs something else."""
         sfd = os.open(sn, _DIR, dir_fd=sp)
         try:
-            dfd = os.open(dn, _DIR, dir_fd=dp) if _is_dir_at(dp, dn) else None
-            try:
-                for name in os.listdir(sfd):
-                    s_path, d_path = f"{src}/{name}", f"{dst}/{name}"
-                    if self._local.match(s_path) or dfd is None:
-                        continue
-                    s_dir, d_dir = _is_dir_at(sfd, name), _is_dir_at(dfd, name)
-                    s_keeps = s_dir and self._local_below(sfd, name, s_path)
-                    d_keeps = d_dir and self._local_below(dfd, name, d_path)
-                    if self._local.match(d_path) and _lexists_at(dfd, name):
-                        if s_keeps:
-                            raise PathError(d_path, f"is a node-local identity file of this clone, and {s_path} "
-                                                    "holds some too; the directory cannot be renamed onto it")
-                    elif d_keeps and not s_dir:
-                        raise PathError(d_path, f"holds {d_path}/{d_keeps[0]}, a node-local identity file of "
-                                                "this clone, which stays; the directory cannot be replaced")
-                    elif s_dir and (s_keeps or d_keeps):
-                        self._check_merge(sfd, name, s_path, dfd, name, d_path)
-            finally:
-                if dfd is not None:
-                    os.close(dfd)
+            for name in os.listdir(sfd):
+                child = rel + name
+                if child in src_kept:
+                    continue
+                if child in dst_kept:
+                    if src_kept.leads(child):
+                        raise PathError(f"{dst}/{name}", "is a node-local identity file of this clone, and the "
+                                                         "directory renamed onto it holds some there too")
+                elif src_kept.leads(child) or dst_kept.leads(child):
+                    if not _is_dir_at(sfd, name):
+                        below = next(k for k in dst_kept if k.startswith(child + "/"))
+                        raise PathError(f"{dst}/{name}", f"holds {dst}/{below[len(rel):]}, a node-local identity "
+                                                         "file of this clone, which stays; the directory cannot be replaced")
+                    self._check_merge(sfd, name, f"{dst}/{name}", src_kept, dst_kept, child + "/")
         finally:
             os.close(sfd)
 
@@ -961,6 +957,14 @@ class _Near:
     def clear(self) -> None:
         self._paths.clear()
         self._above.clear()
+
+
+class _Kept(frozenset[str]):
+    """This clone's identity files below a directory, as paths relative to it."""
+
+    def leads(self, rel: str) -> bool:
+        """Whether `rel` is a directory on the way to one of them."""
+        return any(k.startswith(rel + "/") for k in self)
 
 
 def _lexists_at(parent: int, name: str) -> bool:
