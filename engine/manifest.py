@@ -25,7 +25,7 @@ from engine.paths import STAGE_NAME, check_rel_path, local_files_below, local_ma
 if TYPE_CHECKING:
     from engine.config import ProtectedTree
 
-__all__ = ["Entry", "KINDS", "scan_tree", "same", "without_identity_dirs"]
+__all__ = ["Entry", "KINDS", "scan_tree", "same", "split_identity_dirs"]
 
 KINDS = ("file", "dir", "symlink")
 
@@ -133,23 +133,28 @@ def scan_tree(root: Path, tree: "ProtectedTree", *, block_size: int, with_hashes
         yield from walk.below(fd, only)
 
 
-def without_identity_dirs(root: Path, tree_rel: str, entries: list[Entry], local_files: Sequence[str]) -> list[Entry]:
-    """`entries` (in walk order) less the directories that hold nothing listed but identity files.
+def split_identity_dirs(root: Path, tree_rel: str, entries: list[Entry],
+                        local_files: Sequence[str]) -> tuple[list[Entry], list[Entry]]:
+    """`entries` (in walk order) split into those listed and the directories kept aside
+    because they hold nothing listed but this node's identity files.
 
     Identity files never replicate, and a directory the active removes stays on a clone that
     keeps its own identity files in it (`engine.apply`). Listed, it would be a difference on
-    every verify that repair could never remove; both ends leave such directories out.
+    every verify that repair could never remove; kept aside, it counts only where the other end
+    has the path too (`engine.sync.diff`), so an empty directory there is no difference either.
     """
     if not local_files:
-        return entries
+        return entries, []
     local = local_matcher(local_files)
     children = collections.Counter(posixpath.dirname(e.path) for e in entries)
-    dropped: set[str] = set()
+    aside: set[str] = set()
     for e in reversed(entries):  # children before their parents
         if e.kind == "dir" and e.path != tree_rel and not children[e.path] and _holds_identity(root, tree_rel, e.path, local):
-            dropped.add(e.path)
+            aside.add(e.path)
             children[posixpath.dirname(e.path)] -= 1
-    return [e for e in entries if e.path not in dropped] if dropped else entries
+    if not aside:
+        return entries, []
+    return [e for e in entries if e.path not in aside], [e for e in entries if e.path in aside]
 
 
 def _holds_identity(root: Path, tree_rel: str, path: str, local: "re.Pattern[str]") -> bool:

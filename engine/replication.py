@@ -15,7 +15,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,7 @@ from engine.errors import NfError, PathError, ProtocolError
 from engine.flush import EarlyFlush, syncfs
 from engine.held import Held
 from engine.journaler import fill_hashes, shipped_entry, shipped_under
-from engine.manifest import Entry, scan_tree, without_identity_dirs
+from engine.manifest import Entry, scan_tree, split_identity_dirs
 from engine.paths import check_rel_path, tree_of
 from engine.protocol import Message
 from engine.state import State, read_journal
@@ -78,26 +78,34 @@ def unpack_batch(msg: Message) -> list[tuple[int | None, str, dict[str, Any], by
     return out
 
 
+Listing = tuple[list[Entry], list[Entry]]  # a passive's manifest: entries listed, directories kept aside
+
+
 class ManifestWaiter:
-    """Collects the chunks of manifests a peer sends back, by request id."""
+    """Collects the chunks of manifests a peer sends back, by request id.
+
+    A chunk marked `kept` holds directories the passive keeps only for its identity files
+    (`engine.manifest.split_identity_dirs`); a passive sends them only when asked.
+    """
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[list[Entry], asyncio.Future[list[Entry]]]] = {}
+        self._pending: dict[int, tuple[Listing, asyncio.Future[Listing]]] = {}
 
-    def new(self) -> tuple[int, asyncio.Future[list[Entry]]]:
+    def new(self) -> tuple[int, asyncio.Future[Listing]]:
         rid = next(self._ids)
-        fut: asyncio.Future[list[Entry]] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = ([], fut)
+        fut: asyncio.Future[Listing] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = (([], []), fut)
         return rid, fut
 
     def on_message(self, msg: Message) -> None:
         rid = msg.get("id", int)
         if rid not in self._pending:
             return
-        entries, fut = self._pending[rid]
+        (listed, kept), fut = self._pending[rid]
         if msg.type == "manifest":
-            entries.extend(Entry.from_json(e) for e in json.loads(bytes(msg.payload) or b"[]"))
+            into = kept if msg.get("kept", bool, optional=True) else listed
+            into.extend(Entry.from_json(e) for e in json.loads(bytes(msg.payload) or b"[]"))
             return
         del self._pending[rid]
         error = msg.get("error", str, optional=True)
@@ -106,7 +114,7 @@ class ManifestWaiter:
         if error:
             fut.set_exception(NfError(f"peer could not list its tree: {error}"))
         else:
-            fut.set_result(entries)
+            fut.set_result((listed, kept))
 
     def fail_all(self, exc: BaseException) -> None:
         for _, fut in self._pending.values():
@@ -230,22 +238,23 @@ class Sender:
         journaled rather than a walk of its tree.
         """
         rid, fut = self.manifests.new()
-        await self.link.send("manifest_req", {"id": rid, "path": path})
+        await self.link.send("manifest_req", {"id": rid, "path": path, "kept": True})
         # Read while the passive answers (0.1 s for 20,000 files); unused if it is not empty.
         shipped = (asyncio.ensure_future(asyncio.to_thread(_shipped_manifest, self.state, self.cluster, path))
                    if trust_journal else None)
         try:
-            theirs = {e.path: e for e in await fut}
+            listed, kept = await fut
+            theirs = {e.path: e for e in listed}
             if shipped is not None and set(theirs) <= {path}:
                 # An empty passive needs everything: what was journaled (shipped) names it without
                 # another walk of the tree, and the journal after `head` carries what changes meanwhile.
-                return diff(await shipped, theirs)
+                return diff(await shipped, theirs, kept=kept)
         finally:
             if shipped is not None:
                 await asyncio.gather(shipped, return_exceptions=True)  # never left running unseen
         mine = await asyncio.to_thread(_scan, self.node.root, self.cluster, path, self.settings.block_size,
-                                       self.node.local_files, self.state, theirs)
-        return diff(mine, theirs)
+                                       self.state, theirs)
+        return diff(mine, theirs, kept=kept)
 
     async def send_repairs(self, differences: list[Difference]) -> None:
         """Ship the repairs and keep the block hashes of every file read for them."""
@@ -379,17 +388,23 @@ class Receiver:
     async def on_manifest_req(self, link: Link, msg: Message) -> None:
         rid = msg.get("id", int)
         path = msg.get("path", str)
+        with_kept = msg.get("kept", bool, optional=True)  # an active of an older version drops them
         await self.drained()
         try:
-            entries = await asyncio.to_thread(manifest, self.node.root, self.cluster, path,
-                                              self.cluster.replication.block_size, self.node.local_files)
+            listed, kept = await asyncio.to_thread(self._listing, path)
         except (NfError, OSError) as exc:
             await link.send("manifest_end", {"id": rid, "error": str(exc)})
             return
-        for i in range(0, len(entries), MANIFEST_CHUNK):
-            part = [e.to_json() for e in entries[i : i + MANIFEST_CHUNK]]
-            await link.send("manifest", {"id": rid}, json.dumps(part).encode())
+        for entries, fields in ((listed, {"id": rid}), (kept if with_kept else [], {"id": rid, "kept": True})):
+            for i in range(0, len(entries), MANIFEST_CHUNK):
+                part = [e.to_json() for e in entries[i : i + MANIFEST_CHUNK]]
+                await link.send("manifest", fields, json.dumps(part).encode())
         await link.send("manifest_end", {"id": rid})
+
+    def _listing(self, path: str) -> Listing:
+        entries = manifest(self.node.root, self.cluster, path, self.cluster.replication.block_size)
+        return split_identity_dirs(self.node.root, tree_of(path, self.cluster.protected).rel, entries,
+                                   self.node.local_files)
 
     async def drained(self) -> None:
         while self.state.db.execute("SELECT 1 FROM recvq LIMIT 1").fetchone():
@@ -532,7 +547,7 @@ def _take(gen: Iterator[Record]) -> list[Record]:
     return out
 
 
-def manifest(root: Path, cluster: "ClusterConfig", path: str, block_size: int, local_files: Sequence[str],
+def manifest(root: Path, cluster: "ClusterConfig", path: str, block_size: int,
              reuse: Callable[[str], Entry | None] | None = None,
              with_hashes: bool | Callable[[str], bool] = True) -> list[Entry]:
     """Entries of one subtree with block hashes, as verify and sync compare them; `reuse`
@@ -542,11 +557,10 @@ def manifest(root: Path, cluster: "ClusterConfig", path: str, block_size: int, l
     if tree is None:
         raise PathError(path, "outside the protected set")
     only = None if path == tree.rel else path[len(tree.rel) + 1 :]
-    entries = list(scan_tree(root, tree, block_size=block_size, with_hashes=with_hashes, reuse=reuse, only=only))
-    return without_identity_dirs(root, tree.rel, entries, local_files)
+    return list(scan_tree(root, tree, block_size=block_size, with_hashes=with_hashes, reuse=reuse, only=only))
 
 
-def _scan(root: Path, cluster: "ClusterConfig", path: str, block_size: int, local_files: Sequence[str],
+def _scan(root: Path, cluster: "ClusterConfig", path: str, block_size: int,
           state: State, theirs: dict[str, Entry]) -> dict[str, Entry]:
     """The active's manifest of a subtree, hashing only files the passive holds too, and reusing
     shipped hashes where size and mtime match; hashes it had to compute are kept as shipped."""
@@ -564,8 +578,7 @@ def _scan(root: Path, cluster: "ClusterConfig", path: str, block_size: int, loca
                 reused.add(p)
             return e
 
-        mine = {e.path: e for e in manifest(root, cluster, path, block_size, local_files, reuse=known,
-                                            with_hashes=held)}
+        mine = {e.path: e for e in manifest(root, cluster, path, block_size, reuse=known, with_hashes=held)}
         _keep_hashes(db, [e for e in mine.values() if e.hashes is not None and e.path not in reused])
         return mine
     finally:

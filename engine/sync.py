@@ -11,7 +11,7 @@ import collections
 import itertools
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,8 +45,17 @@ class Difference(NamedTuple):
         return {"path": self.path, "kind": self.kind}
 
 
-def diff(active: dict[str, Entry], passive: dict[str, Entry]) -> list[Difference]:
-    """Differences in an order that is safe to repair: extras first, then the active's walk order."""
+def diff(active: dict[str, Entry], passive: dict[str, Entry], *, kept: Iterable[Entry] = ()) -> list[Difference]:
+    """Differences in an order that is safe to repair: extras first, then the active's walk order.
+
+    `kept` are directories the passive listed apart because they hold only its identity files
+    (`engine.manifest.split_identity_dirs`). One counts only where the active has the path, so
+    a mode or a file there is still a difference, and a directory the clone kept after the active
+    removed it is none: repair could never remove it.
+    """
+    counted = {e.path: e for e in kept if e.path in active}
+    if counted:
+        passive = {**passive, **counted}
     out: list[Difference] = []
     extra = {p for p in passive if p not in active}
     for path in sorted(extra):

@@ -22,7 +22,7 @@ import pytest
 from engine.apply import Applier
 from engine.blocks import INLINE_BYTES, changed_blocks, hash_bytes, hash_file, read_ranges
 from engine.errors import PathError, ProtocolError
-from engine.manifest import Entry, same, scan_tree, without_identity_dirs
+from engine.manifest import Entry, same, scan_tree, split_identity_dirs
 from engine.paths import check_rel_path, open_parent
 from engine.sync import GROUP_FILES, diff, repair_records
 
@@ -920,6 +920,7 @@ def test_records_for_node_local_identity_files_are_refused(tmp_path: Path) -> No
 
 
 LOCAL = ("/srv/data/conf/machine-id", "/srv/data/conf/ssh/*_key")
+IDENTITY_TREE = Tree("/srv/data", exclude=("machine-id", "*_key"))  # as local_trees adds them
 
 
 def _clone_with_identity(tmp_path: Path) -> tuple[Path, Applier]:
@@ -946,15 +947,15 @@ def test_deleting_a_directory_keeps_the_identity_files_below_it(tmp_path: Path) 
     assert _files(root) == {"srv/data/conf/machine-id", "srv/data/conf/ssh/host_key"}
     assert (root / "srv/data/conf/ssh/host_key").read_text() == "secondary's key\n"
     assert not (root / "srv/data/conf/app").exists()  # nothing of its own below: gone
-    # What stays is no difference for verify: manifests leave out directories that hold only
-    # identity files, while an empty directory of the tree's own is still listed.
+    # What stays is no difference for verify: the passive's manifest keeps apart directories that
+    # hold only identity files, while an empty directory of the tree's own is still listed.
     (root / "srv/data/empty").mkdir()
-    tree = Tree("/srv/data", exclude=("machine-id", "*_key"))  # as local_trees adds them
-    listed = [e.path for e in scan_tree(root, tree, block_size=BS, with_hashes=False)]
-    assert "srv/data/conf/ssh" in listed
-    kept = without_identity_dirs(root, "srv/data", list(scan_tree(root, tree, block_size=BS, with_hashes=False)),
-                                 LOCAL)
-    assert [e.path for e in kept] == ["srv/data", "srv/data/empty"]
+    entries = list(scan_tree(root, IDENTITY_TREE, block_size=BS, with_hashes=False))
+    assert "srv/data/conf/ssh" in [e.path for e in entries]
+    listed, kept = split_identity_dirs(root, "srv/data", entries, LOCAL)
+    assert [e.path for e in listed] == ["srv/data", "srv/data/empty"]
+    assert sorted(e.path for e in kept) == ["srv/data/conf", "srv/data/conf/ssh"]
+    assert diff({e.path: e for e in listed}, {e.path: e for e in listed}, kept=kept) == []
 
 
 def test_renaming_a_directory_leaves_the_identity_files_where_they_were(tmp_path: Path) -> None:
@@ -1057,6 +1058,88 @@ def test_without_identity_files_a_directory_goes_whole(tmp_path: Path) -> None:
     root, _ = _clone_with_identity(tmp_path)
     assert Applier(root, TREES).apply("delete", {"path": "srv/data/conf"}) is True
     assert not (root / "srv/data/conf").exists()
+
+
+def _listing(root: Path, local: tuple[str, ...]) -> tuple[dict[str, Entry], list[Entry]]:
+    """A passive's manifest as it answers an active: entries listed, and identity-only
+    directories kept apart."""
+    entries = list(scan_tree(root, Tree("/srv/data", exclude=("id", "machine-id", "*_key")), block_size=BS,
+                             with_hashes=True))
+    listed, kept = split_identity_dirs(root, "srv/data", entries, local)
+    return {e.path: e for e in listed}, kept
+
+
+def test_a_directory_that_holds_only_identity_files_on_the_clone_matches_the_actives(tmp_path: Path) -> None:
+    """The active's conf/ is empty (or holds only its own identity files), the clone's holds its
+    identity files: the same directory, so no difference, while its mode still counts."""
+    primary, _ = _clone_with_identity(tmp_path / "p")
+    secondary, applier = _clone_with_identity(tmp_path / "s")
+    for rel in ("ssh/known_hosts", "app/settings", "top"):
+        (primary / "srv/data/conf" / rel).unlink()
+        applier.apply("delete", {"path": f"srv/data/conf/{rel}"})
+    (primary / "srv/data/conf/app").rmdir()
+    applier.apply("delete", {"path": "srv/data/conf/app"})
+    (primary / "srv/data/conf/machine-id").unlink()  # the active's own: not replicated
+    active = manifest(primary, IDENTITY_TREE)
+    assert {"srv/data/conf", "srv/data/conf/ssh"} <= set(active)
+    listed, kept = _listing(secondary, LOCAL)
+    assert "srv/data/conf" not in listed and "srv/data/conf/ssh" in {e.path for e in kept}
+    assert diff(active, listed, kept=kept) == []
+    assert [d.kind for d in diff(active, listed)] == ["missing", "missing"]  # what verify used to report
+    # A directory the active no longer has at all is none either: the clone keeps it for its files.
+    shutil.rmtree(primary / "srv/data/conf")
+    assert diff(manifest(primary, IDENTITY_TREE), listed, kept=kept) == []
+    # Where the active has the directory, its mode is compared, and the repair makes it so.
+    (primary / "srv/data/conf/ssh").mkdir(parents=True, mode=0o700)
+    os.chmod(primary / "srv/data/conf/ssh", 0o700)
+    differences = diff(manifest(primary, IDENTITY_TREE), listed, kept=kept)
+    assert [(d.path, d.kind) for d in differences] == [("srv/data/conf/ssh", "mode")]
+    apply_all(applier, list(repair_records(primary, differences, block_size=BS, chunk=CHUNK)))
+    listed, kept = _listing(secondary, LOCAL)
+    assert diff(manifest(primary, IDENTITY_TREE), listed, kept=kept) == []
+    assert (secondary / "srv/data/conf/ssh/host_key").read_text() == "secondary's key\n"
+
+
+IDS = ("a/id", "b/c/id", "d/id")
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_a_sync_onto_a_clone_with_identity_files_ends_level_and_keeps_them(tmp_path: Path, seed: int) -> None:
+    """Two random trees, identity files wherever the clone can hold them: the repair keeps every
+    one of them, and unless it refused something (a file where they stand), nothing is left to
+    report, however the directories around them differ."""
+    rng = random.Random(seed)
+    primary, secondary = tmp_path / "primary", tmp_path / "secondary"
+    for root in (primary, secondary):
+        (root / "srv/data").mkdir(parents=True)
+        _random_story(root, Active(root), rng, steps=150)
+    mine = []
+    for rel in IDS:
+        d = secondary / "srv/data"
+        for part in rel.split("/")[:-1]:  # real directories all the way, made where nothing is
+            d = d / part
+            if not os.path.lexists(d):
+                d.mkdir()
+            elif not stat.S_ISDIR(os.lstat(d).st_mode):
+                break
+        else:
+            if not os.path.lexists(d / "id"):
+                (d / "id").write_text("the clone's own")
+                mine.append(d / "id")
+    local = ("/srv/data/*/id", "/srv/data/*/*/id")
+    applier = Applier(secondary, TREES, local_files=local)
+    refused = 0
+    listed, kept = _listing(secondary, local)
+    for op, meta, data in repair_records(primary, diff(manifest(primary, IDENTITY_TREE), listed, kept=kept),
+                                         block_size=BS, chunk=CHUNK):
+        try:
+            applier.apply(op, meta, data)
+        except (PathError, ProtocolError):
+            refused += 1
+    assert all(p.read_text() == "the clone's own" for p in mine)
+    if not refused:
+        listed, kept = _listing(secondary, local)
+        assert diff(manifest(primary, IDENTITY_TREE), listed, kept=kept) == []
 
 
 def test_a_sync_ships_small_new_files_grouped_and_the_passive_ends_level(nodes) -> None:

@@ -311,6 +311,15 @@ def test_node_local_identity_files_differ_between_clones_and_survive_verify_with
     out = nf("verify", "--config", str(demo.config), "--json", check=False)
     assert out.returncode == 0, out.stdout + out.stderr
 
+    # The agent is uninstalled on the active, which leaves its directory empty: the passive's
+    # copy holds only its own identity file now, and that is the same directory, not a difference.
+    for name in ("id.dat", "agent.conf"):
+        (demo.workdir / "primary" / "etc" / "patch-agent" / name).unlink()
+    wait_for(lambda: not conf.exists(), 30, "the removal of agent.conf to replicate")
+    out = nf("verify", "--config", str(demo.config), "--json", check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout)["differences"] == 0
+
 
 @pytest.mark.parametrize("bad", ['"etc/machine-id"', '"/etc/../shadow"', '"/"'])
 def test_a_bad_local_file_names_the_field(tmp_path: Path, bad: str) -> None:
