@@ -122,14 +122,19 @@ class Journaler:
         return n
 
     def rescan(self, path: str) -> int:
-        """Compare a subtree with what was shipped and journal every difference."""
+        """Compare a subtree with what was shipped and journal every difference.
+
+        What is gone goes first, as in a repair: a directory now replaced by a file or a
+        symlink still holds it on the passive, and a delete after the replacement would name
+        a path through that symlink, which the passive refuses.
+        """
         tree = tree_of(path, self.trees)
         if tree is None:
             return 0
         known = shipped_under(self.db, path)
         only = None if path == tree.rel else path[len(tree.rel) + 1 :]
         seen: set[str] = set()
-        count = 0
+        changed: list[str] = []
         for entry in scan_tree(self.root, tree, block_size=self.block_size, with_hashes=True,
                                reuse=known.get, only=only):
             seen.add(entry.path)
@@ -138,12 +143,14 @@ class Journaler:
                 if old.kind == "file" and old.hashes is None:
                     fill_hashes(self.db, [entry])
                 continue
-            count += self._append(self._examine(entry.path))
+            changed.append(entry.path)
         gone = {p for p in known if p not in seen}
+        count = 0
         for p in sorted(gone):
-            if has_ancestor_in(p, gone):
-                continue
-            count += self._append(self._delete(p))
+            if not has_ancestor_in(p, gone):
+                count += self._append(self._delete(p))
+        for p in changed:
+            count += self._append(self._examine(p))
         return count
 
     # -- per change -------------------------------------------------------------------

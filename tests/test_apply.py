@@ -21,9 +21,13 @@ import pytest
 
 from engine.apply import Applier
 from engine.blocks import INLINE_BYTES, changed_blocks, hash_bytes, hash_file, read_ranges
+from engine.capture import Change
+from engine.config import ReplicationSettings
 from engine.errors import PathError, ProtocolError
+from engine.journaler import Journaler
 from engine.manifest import Entry, same, scan_tree, split_identity_dirs
 from engine.paths import check_rel_path, open_parent
+from engine.state import State, read_journal
 from engine.sync import GROUP_FILES, diff, repair_records
 
 BS = 4096
@@ -1226,3 +1230,50 @@ def test_a_passive_of_an_older_version_gets_small_files_one_record_each(nodes) -
     assert [op for op, _, _ in records].count("file") == GROUP_FILES + 3
     apply_all(applier, records)
     assert_level(primary, secondary)
+
+
+# -- a rescan of what changed behind the watcher ----------------------------------------------
+
+def _rescan_and_apply(primary: Path, state: State, journaler: Journaler, applier: Applier, after: int) -> int:
+    """Rescan the active's tree and apply every record it journals; a refused one fails the test."""
+    journaler.process([Change("rescan", "srv/data", is_dir=True)])
+    records = read_journal(state.db, after, 1_000_000, 1 << 40)
+    for r in records:
+        applier.apply(r.op, r.meta, bytes(r.data))  # raises on a refusal
+    applier.end_batch()
+    return records[-1].seq if records else after
+
+
+def test_a_rescan_deletes_below_a_directory_before_it_replaces_that_directory(nodes, tmp_path: Path) -> None:
+    """A directory replaced by a symlink while the watcher was not looking (an agent restarted,
+    a queue overflowed): the deletes of what it held come before the symlink, not after it,
+    where the passive would refuse them as a way out of the tree."""
+    primary, secondary, _, applier = nodes
+    state = State(tmp_path / "state")
+    journaler = Journaler(state.connect(), primary, TREES[:1], ReplicationSettings(block_size=BS))
+    for name in "bcd":
+        write(primary / f"srv/data/c/{name}", name.encode())
+    seq = _rescan_and_apply(primary, state, journaler, applier, 0)
+    assert_level(primary, secondary)
+    shutil.rmtree(primary / "srv/data/c")
+    os.symlink("c/d", primary / "srv/data/c")
+    seq = _rescan_and_apply(primary, state, journaler, applier, seq)
+    assert_level(primary, secondary)
+    ops = [(r.op, r.meta["path"]) for r in read_journal(state.db, 0, 1000)][-4:]
+    assert ops[-1] == ("symlink", "srv/data/c"), ops
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_rescans_of_random_changes_made_behind_the_watcher_bring_the_passive_level(nodes, tmp_path: Path,
+                                                                                    seed: int) -> None:
+    """Whatever changed between two rescans, the records of the second apply without a refusal
+    and the passive ends level."""
+    primary, secondary, active, applier = nodes
+    state = State(tmp_path / "state")
+    journaler = Journaler(state.connect(), primary, TREES[:1], ReplicationSettings(block_size=BS))
+    rng = random.Random(seed)
+    seq = 0
+    for _ in range(4):
+        _random_story(primary, active, rng, steps=40)  # its records are not shipped
+        seq = _rescan_and_apply(primary, state, journaler, applier, seq)
+        assert_level(primary, secondary)
