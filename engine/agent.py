@@ -443,7 +443,7 @@ class Agent:
             if not changes:
                 continue
             try:
-                n = await asyncio.to_thread(self.journaler.process, changes)
+                done = await asyncio.to_thread(self.journaler.process, changes)
             except Exception as exc:
                 log.exception("journaling failed")
                 self.last_error = f"journal: {exc}"
@@ -452,7 +452,10 @@ class Agent:
                 self.flush_needed.set()
                 await asyncio.sleep(1)
                 continue
-            if n:
+            if done.again:  # before what was captured while this batch was journaled
+                self.coalescer.put_back(done.again)
+                self.flush_needed.set()
+            if done.records:
                 for ev in self.journal_wake:
                     ev.set()
 

@@ -23,6 +23,9 @@ from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 
 from inotify_simple import INotify, flags
 
+from engine.errors import NfError, PathError
+from engine.paths import open_parent
+
 if TYPE_CHECKING:
     from engine.config import ProtectedTree
 
@@ -50,6 +53,10 @@ WATCH_MASK = (
     | flags.DONT_FOLLOW
     | flags.EXCL_UNLINK
 )
+#: A watch is added through /proc/self/fd/N for a directory opened with no symlink on the way:
+#: there the magic link itself must be followed.
+_BY_FD_MASK = WATCH_MASK & ~flags.DONT_FOLLOW
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,8 @@ class Watcher:
     """
 
     def __init__(self, root: Path, trees: Sequence["ProtectedTree"]) -> None:
+        if not os.path.isdir("/proc/self/fd"):
+            raise NfError("capture needs /proc mounted: watches are added through /proc/self/fd")
         self._root = os.fspath(root)
         self._trees = tuple(trees)
         self._inotify = INotify(nonblocking=True)
@@ -227,7 +236,7 @@ class Watcher:
         """
         src_wd = self._dir_to_wd.get(src)
         try:
-            wd = self._inotify.add_watch(self._abs(dst), WATCH_MASK)
+            wd = self._watch(dst)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 # Gone again already; keep the best guess, later events correct it.
@@ -237,6 +246,9 @@ class Watcher:
             return
         if wd == src_wd:
             self._rebase_watches(src, dst)
+            # A directory made in it before the rename and read after it could not be watched
+            # at its old path; watch it now, and examine what was made in it meanwhile.
+            self._scan(dst, changes, emit=False, catch_up=True)
             return
         known = wd in self._wd_to_dir
         self._adopt(wd, dst)
@@ -245,47 +257,105 @@ class Watcher:
 
     def _watch_new_dir(self, path: str, changes: list[Change]) -> None:
         """Watch a directory that just appeared, then scan it: files created in it before the
-        watch existed are found by the scan (a file seen twice costs a duplicate examine)."""
-        if self._add_watch(path, changes) is not None:
-            self._scan(path, changes, emit=True)
+        watch existed are found by the scan (a file seen twice costs a duplicate examine).
+
+        What stands at `path` by now may be another directory we watch already, renamed there
+        after the one this event made went away: its own rename event follows, and taking it
+        for the new one here would report what happened in it before the rename at its new path.
+        """
+        wd = self._try_watch(path, changes)
+        if wd is None:
+            return
+        known = self._wd_to_dir.get(wd)
+        if known is not None and known != path:
+            return
+        self._adopt(wd, path)
+        self._scan(path, changes, emit=True)
 
     # -- watches -----------------------------------------------------------------------------
 
-    def _scan(self, top: str, changes: list[Change], *, emit: bool) -> None:
-        """Watch every wanted directory below the watched directory `top`."""
-        stack = [top]
+    def _scan(self, top: str, changes: list[Change], *, emit: bool, catch_up: bool = False) -> None:
+        """Watch every wanted directory below the watched directory `top`; with `emit`, examine
+        every entry on the way, and with `catch_up`, the entries of the directories this scan is
+        the first to watch (made before their watch existed, under a parent that moved)."""
+        stack = [(top, emit)]
         while stack:
-            parent = stack.pop()
+            parent, emit_here = stack.pop()
             try:
-                with os.scandir(self._abs(parent)) as it:
-                    entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+                fd = self._open_dir(parent)
             except (FileNotFoundError, NotADirectoryError):
-                continue  # removed meanwhile; its parent reports that
+                continue  # removed or replaced meanwhile; its parent reports that
             except OSError as exc:
                 self._watch_failed(parent, exc, changes)
                 continue
+            try:
+                with os.scandir(fd) as it:
+                    entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+            except OSError as exc:
+                self._watch_failed(parent, exc, changes)
+                continue
+            finally:
+                os.close(fd)
             for name, is_dir in entries:
                 path = _join(parent, name)
                 if not self._wanted(path, is_dir):
                     continue
-                if emit:
+                if emit_here:
                     changes.append(Change("examine", path, is_dir=is_dir))
                 if is_dir:
+                    watched = path in self._dir_to_wd
                     if self._add_watch(path, changes) is not None:
-                        stack.append(path)
+                        stack.append((path, emit or (catch_up and not watched)))
 
     def _add_watch(self, path: str, changes: list[Change], *, required: bool = False) -> int | None:
         """Watch directory `path`; None if it vanished or could not be watched (then a rescan
         of it is in `changes`). `required`: a missing directory is a failure too."""
+        wd = self._try_watch(path, changes, required=required)
+        if wd is not None:
+            self._adopt(wd, path)
+        return wd
+
+    def _try_watch(self, path: str, changes: list[Change], *, required: bool = False) -> int | None:
         try:
-            wd = self._inotify.add_watch(self._abs(path), WATCH_MASK)
+            return self._watch(path)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR) and not required:
                 return None  # removed or replaced meanwhile; its parent reports that
             self._watch_failed(path, exc, changes)
             return None
-        self._adopt(wd, path)
-        return wd
+
+    def _watch(self, path: str) -> int:
+        """Watch the directory at `path`, reached with no symlink on the way.
+
+        A path names a directory only while every component of it is one: a directory swapped
+        for a symlink after the event or listing that named `path` would otherwise put the
+        watch on whatever the symlink leads to, outside the tree, and report its changes under
+        the tree's names. A tree root is the operator's path and is resolved as given.
+        """
+        fd = self._open_dir(path)
+        try:
+            return self._inotify.add_watch(f"/proc/self/fd/{fd}", _BY_FD_MASK)
+        finally:
+            os.close(fd)
+
+    def _open_dir(self, path: str) -> int:
+        """An fd of the directory `path`; FileNotFoundError if a symlink or a non-directory is there
+        or on the way."""
+        tree = self._tree_of(path)
+        if tree is not None and tree.rel == path:
+            return os.open(self._abs(path), _DIR_FLAGS)
+        try:
+            parent, name = open_parent(Path(self._root), path, trusted=tree.rel if tree else "")
+        except PathError:
+            raise FileNotFoundError(errno.ENOENT, "a symlink on the way", path) from None
+        try:
+            return os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise FileNotFoundError(errno.ENOENT, "not a directory", path) from None
+            raise
+        finally:
+            os.close(parent)
 
     def _adopt(self, wd: int, path: str) -> None:
         """Record that `wd` watches `path`. A descriptor already known under another path
@@ -399,6 +469,15 @@ class Coalescer:
             self._add_rescan(change)
         else:
             raise ValueError(f"unknown change kind {change.kind!r}")
+
+    def put_back(self, changes: Sequence[Change]) -> None:
+        """Queue `changes` as if they came before everything pending: what is pending is added
+        again after them, so a later move carries them along and a later delete drops them."""
+        if not changes:
+            return
+        pending = self.drain()
+        for change in [*changes, *pending]:
+            self.add(change)
 
     def drain(self) -> list[Change]:
         out = list(self._items.values())

@@ -5,6 +5,12 @@ never stall the event loop. Each change is journaled in one transaction, so a cr
 either the whole new version of a file in the journal or none of it. `shipped` remembers the
 block hashes of the last journaled version of every path; only blocks whose hash differs from
 it are read and shipped.
+
+A change is read when it is journaled, which under load is after later changes to the same
+paths have happened but before their events are read: an examine can find its path gone, or
+already holding the next thing made there, and an ancestor replaced by a symlink. Paths are
+opened with no symlink on the way, and what a rename brought is looked at again where it ends
+up (`Journaled.again`), so the passive still ends with what the active holds.
 """
 from __future__ import annotations
 
@@ -15,13 +21,15 @@ import stat
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.blocks import INLINE_BYTES, changed_blocks, hash_bytes, hash_file, read_ranges, read_whole
 from engine.capture import Change
+from engine.errors import PathError
 from engine.manifest import Entry, same, scan_tree
-from engine.paths import has_ancestor_in, tree_of
+from engine.paths import has_ancestor_in, open_parent, tree_of
 
 if TYPE_CHECKING:
     from engine.config import ProtectedTree, ReplicationSettings
@@ -41,6 +49,16 @@ ON CONFLICT(path) DO UPDATE SET kind=excluded.kind, mode=excluded.mode, size=exc
 GROUP_SECONDS = 0.2  # a group never holds the database's write lock for longer
 
 
+@dataclass
+class Journaled:
+    """What one `Journaler.process` did."""
+
+    records: int
+    #: Changes to queue again in front of whatever is pending (`Coalescer.put_back`): what a
+    #: rename brought before it was examined, to be looked at where it ends up.
+    again: list[Change]
+
+
 class Journaler:
     """Appends records for changes; used only from one worker thread at a time."""
 
@@ -53,9 +71,13 @@ class Journaler:
         self.chunk = max(settings.block_size, min(4 << 20, settings.max_frame_bytes // 2))
         self._count, self._pending_bytes, self._opened = 0, 0, 0.0
         self._lock = threading.Lock()  # the flush loop and a switchover's last rescan never overlap
+        # Paths whose examine found nothing: what was there moved or went before it was read,
+        # with its latest content unshipped. The delete or move event follows (see `_moved`).
+        self._stale: set[str] = set()
 
-    def process(self, changes: Iterable[Change]) -> int:
-        """Journal every change; returns the number of records appended.
+    def process(self, changes: Iterable[Change]) -> Journaled:
+        """Journal every change; returns how many records were appended, and what to look at
+        again.
 
         Changes are committed in groups (one fsync per group rather than per file), and a
         group never ends inside one change, so the journal holds whole versions only.
@@ -63,27 +85,81 @@ class Journaler:
         with self._lock:
             return self._process(changes)
 
-    def _process(self, changes: Iterable[Change]) -> int:
+    def _process(self, changes: Iterable[Change]) -> Journaled:
+        stale = set(self._stale)
+        again: list[Change] = []
         self._begin()
         try:
             for change in changes:
                 if change.kind == "examine":
                     self._append(self._examine(change.path))
                 elif change.kind == "delete":
-                    self._append(self._delete(change.path))
+                    if not self._behind_non_dir(change.path):
+                        self._append(self._delete(change.path))
+                    self._stale = {p for p in self._stale if not _within(p, change.path)}
+                    again = [c for c in again if not _within(c.path, change.path)]
                 elif change.kind == "move":
                     assert change.dst is not None
-                    self._append(self._move(change.path, change.dst))
-                    if self._shipped(change.dst) is None:
-                        self.rescan(change.dst)
+                    again = self._moved(change.path, change.dst, again)
                 elif change.kind == "rescan":
                     self.rescan(change.path)
         except BaseException:
             self.db.execute("ROLLBACK")
+            self._stale = stale
             raise
         self.db.execute("COMMIT")
         count, self._count = self._count, 0
-        return count
+        return Journaled(count, again)
+
+    def _moved(self, src: str, dst: str, again: list[Change]) -> list[Change]:
+        """Journal a rename; return `again` carried along, plus what to look at again where the
+        rename put it.
+
+        The journaler reads a path when it gets to its examine, which may be after the path
+        was renamed (its move event not read yet): the examine then finds nothing, or already
+        the next thing made at that path, and the rename record carries the wrong version or,
+        for a source never shipped, nothing (the passive's rename finds no source and keeps
+        what `dst` held). So what the rename brought is looked at again where it ends up:
+        queued in front of what is pending, later renames carry it along, as renames later in
+        this batch do here.
+        """
+        old = self._shipped(src)
+        blocked = self._behind_non_dir(src) or self._behind_non_dir(dst)
+        replaced = {p for p in self._stale if _within(p, dst) and not _within(p, src)}
+        moved = {p for p in self._stale if _within(p, src)}
+        self._stale -= replaced | moved
+        again = [replace(c, path=dst + c.path[len(src):]) if _within(c.path, src) else c
+                 for c in again if _within(c.path, src) or not _within(c.path, dst)]
+        again += [Change("examine", dst + p[len(src):]) for p in sorted(moved)]
+        if blocked:
+            move_shipped(self.db, src, dst)  # the passive holds neither path: the rescan ships it
+        else:
+            self._append(self._move(src, dst))
+        look = Change("rescan", dst, is_dir=True) if old is None or blocked else self._look_again(old, dst)
+        if look is not None:
+            again.append(look)
+        return again
+
+    def _look_again(self, old: Entry, dst: str) -> Change | None:
+        """What to look at again at `dst` if what is there now is not the `old` version the
+        rename record carried there."""
+        tree = tree_of(dst, self.trees)
+        try:
+            parent, name = open_parent(self.root, dst, trusted=tree.rel if tree else "")
+        except (FileNotFoundError, PathError):
+            return Change("examine", dst)  # moved on or gone: its event carries or drops this
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return Change("examine", dst)
+        finally:
+            os.close(parent)
+        if stat.S_ISDIR(st.st_mode):
+            return None if old.kind == "dir" else Change("rescan", dst, is_dir=True)
+        kind = "file" if stat.S_ISREG(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) else None
+        if kind != old.kind or st.st_mtime_ns != old.mtime_ns or (kind == "file" and st.st_size != old.size):
+            return Change("examine", dst)
+        return None
 
     def baseline(self) -> int:
         """Record the current trees as shipped without journaling them.
@@ -155,11 +231,24 @@ class Journaler:
 
     # -- per change -------------------------------------------------------------------
     def _examine(self, path: str) -> Iterator[Record]:
-        full = self.root / path
+        tree = tree_of(path, self.trees)
         try:
-            st = os.lstat(full)
+            # No symlink on the way: one put in since the event would lead outside the tree.
+            parent, name = open_parent(self.root, path, trusted=tree.rel if tree else "")
+        except (FileNotFoundError, PathError):
+            self._stale.add(path)  # a delete or move event follows
+            return
+        try:
+            yield from self._examine_at(path, parent, name)
+        finally:
+            os.close(parent)
+
+    def _examine_at(self, path: str, parent: int, name: str) -> Iterator[Record]:
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
-            return  # a delete or move event follows; nothing to ship now
+            self._stale.add(path)  # a delete or move event follows
+            return
         old = self._shipped(path)
         mode = stat.S_IMODE(st.st_mode)
         if stat.S_ISDIR(st.st_mode):
@@ -167,21 +256,27 @@ class Journaler:
                 self._ship(Entry(path, "dir", mode, 0, st.st_mtime_ns))
                 yield "mkdir", {"path": path, "mode": mode, "mtime_ns": st.st_mtime_ns}, b""
         elif stat.S_ISLNK(st.st_mode):
-            target = os.readlink(full)
+            try:
+                target = os.readlink(name, dir_fd=parent)
+            except OSError:
+                self._stale.add(path)  # replaced meanwhile; its event follows
+                return
             if old is None or old.kind != "symlink" or old.target != target or old.mtime_ns != st.st_mtime_ns:
                 self._ship(Entry(path, "symlink", mode, 0, st.st_mtime_ns, target))
                 yield "symlink", {"path": path, "target": target, "mtime_ns": st.st_mtime_ns}, b""
         elif stat.S_ISREG(st.st_mode):
-            yield from self._examine_file(path, full, old)
+            yield from self._examine_file(path, parent, name, old)
 
-    def _examine_file(self, path: str, full: Path, old: Entry | None) -> Iterator[Record]:
+    def _examine_file(self, path: str, parent: int, name: str, old: Entry | None) -> Iterator[Record]:
         try:
-            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
-        except (FileNotFoundError, OSError):
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
+        except OSError:
+            self._stale.add(path)  # replaced meanwhile; its event follows
             return
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
+                self._stale.add(path)
                 return
             mode = stat.S_IMODE(st.st_mode)
             fresh = old is None or old.kind != "file" or old.hashes is None  # no hashes: ship it whole
@@ -244,7 +339,21 @@ class Journaler:
         return (int(row[0]) if row else 0) + 1
 
     def _ship(self, e: Entry) -> None:
+        if e.kind != "dir":  # it replaces a directory, if one was there, with all below it
+            self.db.execute("DELETE FROM shipped WHERE path >= ? AND path < ?", _under(e.path)[1:])
         put_shipped(self.db, e)
+
+    def _behind_non_dir(self, path: str) -> bool:
+        """Whether a directory above `path` was last shipped as something else: an examine read
+        late shipped what replaced it before the events of what happened below it first, and the
+        passive, which then holds no such path, would refuse to reach it through a symlink."""
+        head = path.rpartition("/")[0]
+        while "/" in head:
+            e = self._shipped(head)
+            if e is not None and e.kind != "dir":
+                return True
+            head = head.rpartition("/")[0]
+        return False
 
     def _shipped(self, path: str) -> Entry | None:
         return shipped_entry(self.db, path)
@@ -299,6 +408,10 @@ def fill_hashes(db: sqlite3.Connection, entries: Iterable[Entry]) -> None:
     if rows:
         db.executemany("UPDATE shipped SET hashes=? WHERE path=? AND kind='file' AND size=? AND mtime_ns=? "
                        "AND hashes IS NULL", rows)
+
+
+def _within(path: str, top: str) -> bool:
+    return path == top or path.startswith(top + "/")
 
 
 def _entry(row: tuple[Any, ...]) -> Entry:

@@ -6,6 +6,10 @@ path inside the protected set. `open_parent` then walks to the file's parent dir
 component at a time, from a directory fd and with O_NOFOLLOW, so that a symlink in a passive's
 tree (which may point anywhere, /etc included) is never followed by a replicated write.
 
+The active reads its own tree the same way (`Beneath`, and `open_parent` in the journaler): a
+path it journals or ships may lead through a symlink by the time it reads it, and reading
+through that would ship what the symlink points at, outside the tree, under the tree's name.
+
 The configured tree path itself (`trusted`, e.g. "srv/data") is the operator's choice and is
 opened as the kernel resolves it, so a protected tree may sit under a symlinked prefix; the
 channel can never create or replace a symlink there, because the tree root is not a path a
@@ -28,8 +32,8 @@ from engine.errors import PathError
 if TYPE_CHECKING:
     from engine.config import ProtectedTree
 
-__all__ = ["STAGE_NAME", "check_rel_path", "tree_of", "open_parent", "makedirs_parent", "open_dir", "local_matcher",
-           "local_files_below"]
+__all__ = ["STAGE_NAME", "Beneath", "check_rel_path", "tree_of", "open_parent", "makedirs_parent", "open_dir",
+           "local_matcher", "local_files_below"]
 
 #: Directory at the top of every protected tree where apply stages files.
 STAGE_NAME = ".nf-stage"
@@ -168,6 +172,42 @@ def open_dir(root: Path, rel: str, *, create: bool = False) -> int:
             raise
     os.makedirs(full, 0o755, exist_ok=True)
     return os.open(full, _DIR_FLAGS)
+
+
+class Beneath:
+    """Opens files of the protected trees under `root` with no symlink anywhere on the way.
+
+    For the active's reads of its own tree in a sync or repair. A path with a symlink on the way
+    names nothing in the tree, so it is FileNotFoundError, as a path that vanished is. The last
+    parent directory stays open until `close` or until another one is needed: a repair list
+    names its files directory by directory, and opening each parent once rather than per file
+    saves most of the walk. (A directory that moves meanwhile is the journal's to correct, as
+    for any file that changes after the scan.)
+    """
+
+    def __init__(self, root: Path, trees: Iterable["ProtectedTree"]) -> None:
+        self.root = root
+        self.trees = tuple(trees)
+        self._dir: str | None = None
+        self._fd = -1
+
+    def open(self, rel: str, flags: int) -> int:
+        """`os.open` of `rel` with O_NOFOLLOW added; the caller closes the fd."""
+        head, _, name = rel.rpartition("/")
+        if head != self._dir:
+            self.close()
+            tree = tree_of(rel, self.trees)
+            try:
+                self._fd, _ = open_parent(self.root, rel, trusted=tree.rel if tree else "")
+            except PathError:
+                raise FileNotFoundError(errno.ENOENT, "a symlink on the way", rel) from None
+            self._dir = head
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._dir, self._fd = None, -1
 
 
 # -- private ---------------------------------------------------------------------------------

@@ -282,7 +282,8 @@ class Sender:
     async def _ship_lane(self, differences: list[Difference], hashed: collections.deque[Entry]) -> None:
         if not differences:
             return
-        gen = repair_records(self.node.root, differences, block_size=self.settings.block_size, chunk=self.chunk,
+        gen = repair_records(self.node.root, differences, trees=self.cluster.protected,
+                             block_size=self.settings.block_size, chunk=self.chunk,
                              on_hashed=hashed.append, grouped="files" in (self.link.hello.get("ops") or ()))
         reading = asyncio.ensure_future(asyncio.to_thread(_take, gen))
         try:

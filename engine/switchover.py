@@ -35,8 +35,8 @@ async def switchover(agent: "Agent", target: str) -> dict[str, Any]:
 
     released = time.monotonic()
     await agent._leave_role()  # capture stopped, identity released
-    last = await asyncio.to_thread(agent.journaler.process,
-                                   [Change("rescan", tree.rel) for tree in agent.cluster.protected])
+    last = (await asyncio.to_thread(agent.journaler.process,
+                                    [Change("rescan", tree.rel) for tree in agent.cluster.protected])).records
     for ev in agent.journal_wake:
         ev.set()
     head = agent.state.journal_head()

@@ -13,12 +13,15 @@ import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.blocks import (DIGEST_SIZE, INLINE_BYTES, changed_blocks, hash_bytes, hash_file, new_digests, read_hashing,
                            read_ranges, read_whole, zero_digest)
 from engine.manifest import Entry
-from engine.paths import has_ancestor_in
+from engine.paths import Beneath, has_ancestor_in
+
+if TYPE_CHECKING:
+    from engine.config import ProtectedTree
 
 Record = tuple[str, dict[str, Any], bytes]
 
@@ -96,25 +99,26 @@ def lanes(differences: list[Difference]) -> tuple[list[Difference], list[Differe
     return first, small, large
 
 
-def repair_records(root: Path, differences: list[Difference], *, block_size: int, chunk: int,
-                   on_hashed: Callable[[Entry], None] | None = None, grouped: bool = True) -> Iterator[Record]:
+def repair_records(root: Path, differences: list[Difference], *, trees: Iterable["ProtectedTree"], block_size: int,
+                   chunk: int, on_hashed: Callable[[Entry], None] | None = None,
+                   grouped: bool = True) -> Iterator[Record]:
     """Records that turn the passive's version of each differing path into the active's.
 
     `on_hashed` receives the entry of every file hashed on the way (with its digests), so the
     caller can keep them. Files further down the list are announced to the kernel ahead of
     time: on a cold cache many small reads in flight beat one at a time. Small new files go
     `GROUP_FILES` to a "files" record, or with `grouped` False (a passive of an older version,
-    which does not know that op) one to a "file" record each.
+    which does not know that op) one to a "file" record each. Files are opened with no symlink
+    on the way (`engine.paths.Beneath`) in the protected `trees`.
     """
-    root = Path(root)
-    base = os.fspath(root)
-    ahead = _Prefetch(base, differences)
+    beneath = Beneath(Path(root), trees)
+    ahead = _Prefetch(beneath, differences)
     files: list[list[Any]] = []  # small new files read, not yet yielded: [path, size, mode, mtime_ns]
     contents: list[bytes] = []
     try:
         for i, d in enumerate(differences):
             ahead.advance(i)
-            for record in _records(base, d, ahead.take(i), block_size, chunk, on_hashed):
+            for record in _records(beneath, d, ahead.take(i), block_size, chunk, on_hashed):
                 if record[0] == "files" and not grouped:
                     record = _one_file(record)
                 if record[0] == "files":
@@ -131,6 +135,7 @@ def repair_records(root: Path, differences: list[Difference], *, block_size: int
             yield "files", {"files": files}, b"".join(contents)
     finally:
         ahead.close()
+        beneath.close()
 
 
 def _one_file(record: Record) -> Record:
@@ -139,7 +144,7 @@ def _one_file(record: Record) -> Record:
     return "file", {"path": path, "gid": None, "size": size, "mode": mode, "mtime_ns": mtime_ns, "fresh": True}, record[2]
 
 
-def _records(base: str, d: Difference, fd: int | None, block_size: int, chunk: int,
+def _records(beneath: Beneath, d: Difference, fd: int | None, block_size: int, chunk: int,
              on_hashed: Callable[[Entry], None] | None) -> Iterator[Record]:
     """The records of one difference; `fd` is the active's file, already open (or None)."""
     if d.kind == "extra":
@@ -154,9 +159,9 @@ def _records(base: str, d: Difference, fd: int | None, block_size: int, chunk: i
     else:
         if fd is None:
             try:
-                fd = os.open(f"{base}/{a.path}", _READ)
+                fd = beneath.open(a.path, _READ)
             except OSError:
-                return  # vanished since the scan: the journal carries its delete
+                return  # vanished since the scan (or a symlink is on the way): the journal carries its delete
         yield from _file_records(fd, a, d.passive, block_size, chunk, on_hashed)
 
 
@@ -237,8 +242,8 @@ class _Prefetch:
     FILES = 64
     BYTES = 32 << 20
 
-    def __init__(self, base: str, differences: list[Difference]) -> None:
-        self.base = base
+    def __init__(self, beneath: Beneath, differences: list[Difference]) -> None:
+        self.beneath = beneath
         self.differences = differences
         self.next = 0  # the first difference not announced yet
         self.announced: collections.deque[tuple[int, int]] = collections.deque()  # (index, bytes)
@@ -270,7 +275,7 @@ class _Prefetch:
 
     def _announce(self, index: int, path: str, size: int) -> None:
         try:
-            fd = os.open(f"{self.base}/{path}", _READ)
+            fd = self.beneath.open(path, _READ)
         except OSError:
             return  # vanished: its reader finds out
         self.fds[index] = fd

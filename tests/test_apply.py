@@ -1098,7 +1098,7 @@ def test_a_directory_that_holds_only_identity_files_on_the_clone_matches_the_act
     os.chmod(primary / "srv/data/conf/ssh", 0o700)
     differences = diff(manifest(primary, IDENTITY_TREE), listed, kept=kept)
     assert [(d.path, d.kind) for d in differences] == [("srv/data/conf/ssh", "mode")]
-    apply_all(applier, list(repair_records(primary, differences, block_size=BS, chunk=CHUNK)))
+    apply_all(applier, list(repair_records(primary, differences, trees=TREES, block_size=BS, chunk=CHUNK)))
     listed, kept = _listing(secondary, LOCAL)
     assert diff(manifest(primary, IDENTITY_TREE), listed, kept=kept) == []
     assert (secondary / "srv/data/conf/ssh/host_key").read_text() == "secondary's key\n"
@@ -1135,7 +1135,7 @@ def test_a_sync_onto_a_clone_with_identity_files_ends_level_and_keeps_them(tmp_p
     refused = 0
     listed, kept = _listing(secondary, local)
     for op, meta, data in repair_records(primary, diff(manifest(primary, IDENTITY_TREE), listed, kept=kept),
-                                         block_size=BS, chunk=CHUNK):
+                                         trees=TREES, block_size=BS, chunk=CHUNK):
         try:
             applier.apply(op, meta, data)
         except (PathError, ProtocolError):
@@ -1154,7 +1154,7 @@ def test_a_sync_ships_small_new_files_grouped_and_the_passive_ends_level(nodes) 
             (primary / f"srv/data/d{d}/f{i}").write_bytes(os.urandom(i * 7))  # empty ones too
     (primary / "srv/data/d1/big").write_bytes(os.urandom(INLINE_BYTES + 1))  # staged in data records
     differences = diff(manifest(primary), manifest(secondary))
-    records = list(repair_records(primary, differences, block_size=BS, chunk=CHUNK))
+    records = list(repair_records(primary, differences, trees=TREES, block_size=BS, chunk=CHUNK))
     grouped = [meta["files"] for op, meta, _ in records if op == "files"]
     assert sum(len(g) for g in grouped) == 3 * GROUP_FILES
     assert max(len(g) for g in grouped) == GROUP_FILES
@@ -1175,7 +1175,7 @@ def test_a_sync_between_two_random_trees_ends_level(tmp_path: Path, seed: int) -
         _random_story(root, Active(root), rng, steps=150)
         trees[name] = root
     primary, secondary = trees["primary"], trees["secondary"]
-    records = list(repair_records(primary, diff(manifest(primary), manifest(secondary)), block_size=BS, chunk=CHUNK))
+    records = list(repair_records(primary, diff(manifest(primary), manifest(secondary)), trees=TREES, block_size=BS, chunk=CHUNK))
     apply_all(Applier(secondary, TREES), records)
     assert_level(primary, secondary)
 
@@ -1209,9 +1209,9 @@ def test_a_repair_list_read_whole_or_abandoned_leaves_no_file_open(nodes) -> Non
         (primary / f"srv/data/f{i}").write_bytes(b"x" * i)
     differences = diff(manifest(primary), manifest(secondary))
     before = len(os.listdir("/proc/self/fd"))
-    assert sum(len(m["files"]) for _, m, _ in repair_records(primary, differences, block_size=BS, chunk=CHUNK)) == 200
+    assert sum(len(m["files"]) for _, m, _ in repair_records(primary, differences, trees=TREES, block_size=BS, chunk=CHUNK)) == 200
     assert len(os.listdir("/proc/self/fd")) == before
-    records = repair_records(primary, differences, block_size=BS, chunk=CHUNK)
+    records = repair_records(primary, differences, trees=TREES, block_size=BS, chunk=CHUNK)
     next(records)
     assert len(os.listdir("/proc/self/fd")) > before  # the next ones are open, announced
     records.close()
@@ -1225,7 +1225,7 @@ def test_a_passive_of_an_older_version_gets_small_files_one_record_each(nodes) -
     for i in range(GROUP_FILES + 3):
         (primary / f"srv/data/d/f{i}").write_bytes(os.urandom(i))
     differences = diff(manifest(primary), manifest(secondary))
-    records = list(repair_records(primary, differences, block_size=BS, chunk=CHUNK, grouped=False))
+    records = list(repair_records(primary, differences, trees=TREES, block_size=BS, chunk=CHUNK, grouped=False))
     assert "files" not in {op for op, _, _ in records}
     assert [op for op, _, _ in records].count("file") == GROUP_FILES + 3
     apply_all(applier, records)
@@ -1277,3 +1277,53 @@ def test_rescans_of_random_changes_made_behind_the_watcher_bring_the_passive_lev
         _random_story(primary, active, rng, steps=40)  # its records are not shipped
         seq = _rescan_and_apply(primary, state, journaler, applier, seq)
         assert_level(primary, secondary)
+
+
+def test_the_active_never_reads_through_a_symlink_put_on_the_way(nodes, tmp_path: Path) -> None:
+    """A directory swapped for a symlink to somewhere else between the event (or the scan) that
+    named a file below it and the read: neither the journal nor a repair ships what the symlink
+    leads to under the tree's name."""
+    primary, _, _, _ = nodes
+    secret = tmp_path / "secret"
+    (secret / "c").mkdir(parents=True)
+    (secret / "c/f").write_text("outside the tree")
+    write(primary / "srv/data/c/f", b"inside")
+    differences = diff(manifest(primary), {})  # the scan sees the real directory
+    shutil.rmtree(primary / "srv/data/c")
+    os.symlink(secret / "c", primary / "srv/data/c")
+
+    state = State(tmp_path / "state")
+    journaler = Journaler(state.connect(), primary, TREES[:1], ReplicationSettings(block_size=BS))
+    journaler.process([Change("examine", "srv/data/c/f")])  # the event of the write, read late
+    assert read_journal(state.db, 0, 100) == []
+    shipped = list(repair_records(primary, differences, trees=TREES, block_size=BS, chunk=CHUNK))
+    assert all(b"outside" not in data for _, _, data in shipped)
+    assert "srv/data/c/f" not in {m.get("path") for _, m, _ in shipped} | \
+        {f[0] for op, m, _ in shipped if op == "files" for f in m["files"]}
+
+
+def test_what_a_chain_of_renames_carries_before_its_first_examine_is_shipped_where_it_ends(nodes, tmp_path: Path) -> None:
+    """A link made and renamed over a file before the journaler examines it, then its directory
+    renamed too, in one batch: the passive, which never had the link, gets it where it ends
+    (a/b/a) instead of keeping the old file there."""
+    primary, secondary, _, applier = nodes
+    state = State(tmp_path / "state")
+    journaler = Journaler(state.connect(), primary, TREES[:1], ReplicationSettings(block_size=BS))
+    write(primary / "srv/data/b/a", b"the old file")
+    (primary / "srv/data/a").mkdir()
+    (primary / "srv/data/d").mkdir()
+    seq = _rescan_and_apply(primary, state, journaler, applier, 0)
+    os.symlink("a", primary / "srv/data/d/b")
+    os.rename(primary / "srv/data/d/b", primary / "srv/data/b/a")
+    os.rename(primary / "srv/data/b", primary / "srv/data/a/b")
+    assert journaler.process([Change("examine", "srv/data/d/b")]).again == []  # read late: gone, a move follows
+    done = journaler.process([Change("move", "srv/data/d/b", "srv/data/b/a"),
+                              Change("move", "srv/data/b", "srv/data/a/b", is_dir=True),
+                              Change("examine", "srv/data/a", is_dir=True)])
+    assert {c.path for c in done.again} == {"srv/data/a/b/a"}  # where the link ended up
+    assert journaler.process(done.again).again == []
+    for r in read_journal(state.db, seq, 1000, 1 << 30):
+        applier.apply(r.op, r.meta, bytes(r.data))
+    applier.end_batch()
+    assert_level(primary, secondary)
+    assert os.readlink(secondary / "srv/data/a/b/a") == "a"

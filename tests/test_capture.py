@@ -169,6 +169,60 @@ def test_after_a_directory_rename_writes_inside_report_the_new_path(node: Node) 
     assert not [c for c in seen if c.path.startswith(f"{TREE}/d/")]
 
 
+def test_a_directory_swapped_for_a_symlink_before_its_watch_is_added_is_not_watched_through_it(node: Node) -> None:
+    """mkdir c/d, then c renamed away and a symlink to another tree put in its place, all before
+    the watcher reads the mkdir: the watch for c/d must not land on what the symlink leads to,
+    which would report changes outside the tree as changes in it."""
+    (node.data / "c").mkdir()
+    read_until_has(node.watcher, examine("c", is_dir=True))
+    (node.outside / "d").mkdir()
+    (node.data / "c/d").mkdir()
+    (node.data / "c").rename(node.data / "c.old")
+    os.symlink(node.outside, node.data / "c")
+    read_until_has(node.watcher, move("c", "c.old", is_dir=True), examine("c"))
+
+    (node.outside / "d/secret").write_text("outside the tree")
+    (node.data / "sentinel").write_text("after it")
+    seen = read_until_has(node.watcher, examine("sentinel"))
+    assert not [c for c in seen if "secret" in c.path], seen
+
+
+def test_a_directory_made_in_one_renamed_before_the_watcher_reads_the_mkdir_is_watched(node: Node) -> None:
+    """Unpack into a temporary directory, then rename it into place, faster than the watcher
+    reads: the new subdirectory is watched at its new path, and what is written in it later is
+    reported."""
+    (node.data / "tmp").mkdir()
+    read_until_has(node.watcher, examine("tmp", is_dir=True))
+    (node.data / "tmp/sub").mkdir()
+    (node.data / "tmp/sub/early").write_text("before the watch")
+    (node.data / "tmp").rename(node.data / "final")
+    read_until_has(node.watcher, move("tmp", "final", is_dir=True), examine("final/sub/early"))
+    assert f"{TREE}/final/sub" in node.watcher.watched
+
+    (node.data / "final/sub/later").write_text("after the rename")
+    read_until_has(node.watcher, examine("final/sub/later"))
+
+
+def test_a_watched_directory_renamed_onto_the_name_of_one_made_and_gone_keeps_its_own_events(node: Node) -> None:
+    """mkdir a; rmdir a; ln -s x d/b; mv d a, all before the watcher reads the mkdir: by then
+    "a" is the directory watched as d. The link was made in d, before the rename, and once the
+    changes are coalesced the rename carries it to a/b (taking d for the new a early would
+    report it as a/b before the rename, which then drops it as part of what it replaced)."""
+    (node.data / "d").mkdir()
+    read_until_has(node.watcher, examine("d", is_dir=True))
+    (node.data / "a").mkdir()
+    (node.data / "a").rmdir()
+    os.symlink("x", node.data / "d/b")
+    (node.data / "d").rename(node.data / "a")
+    seen = read_until_has(node.watcher, move("d", "a", is_dir=True))
+    assert examine("d/b") in seen and examine("a/b") not in seen[: seen.index(move("d", "a", is_dir=True))]
+    coalescer = Coalescer()
+    for change in seen:
+        coalescer.add(change)
+    pending = coalescer.drain()
+    assert pending.index(examine("a/b")) > pending.index(move("d", "a", is_dir=True)), pending
+
+
 def test_moving_out_of_the_tree_is_a_delete_and_the_watches_go(node: Node) -> None:
     (node.data / "f").write_text("x")
     (node.data / "d/sub").mkdir(parents=True)
@@ -307,7 +361,7 @@ def test_start_reports_unwatchable_subtrees_as_rescans(tmp_path: Path, monkeypat
     real_add_watch = watcher._inotify.add_watch
 
     def add_watch(path: str, mask: int) -> int:
-        if path.endswith("/a/big"):
+        if os.path.realpath(path).endswith("/a/big"):  # the watcher names the directory by its fd
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_add_watch(path, mask)
 

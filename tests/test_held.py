@@ -179,7 +179,8 @@ def test_a_sync_brings_the_digests_the_passive_keeps_without_hashing_again(pair:
         raise AssertionError("the passive hashed data whose digests came along")
 
     monkeypatch.setattr(held, "hash_bytes", no_hashing)
-    for op, meta, payload in repair_records(pair.active_root, diff(mine, {}), block_size=BS, chunk=1 << 20):
+    for op, meta, payload in repair_records(pair.active_root, diff(mine, {}), trees=TREES, block_size=BS,
+                                            chunk=1 << 20):
         pair.applier.apply(op, meta, payload)
     pair.applier.end_batch()
     pair.held.flush()
