@@ -27,7 +27,7 @@ from engine.flush import EarlyFlush, syncfs
 from engine.held import Held
 from engine.journaler import fill_hashes, shipped_entry, shipped_under
 from engine.manifest import Entry, scan_tree, split_identity_dirs
-from engine.paths import check_rel_path, tree_of
+from engine.paths import check_rel_path, has_ancestor_in, tree_of
 from engine.protocol import Message
 from engine.state import State, read_journal
 from engine.sync import Difference, diff, lanes, repair_records
@@ -162,13 +162,17 @@ class Sender:
         source = hello.get("journal_id")
         p = self.progress
         start = self._start_position(applied if isinstance(applied, int) else 0, source)
-        dirty = sorted({row[0] for row in self.db.execute("SELECT path FROM dirty WHERE node=?", (p.node,))})
+        dirty = {row[0] for row in self.db.execute("SELECT path FROM dirty WHERE node=?", (p.node,))}
         if start is None or dirty:
             head = self.state.journal_head()
             if start is None:
                 await self.sync([t.rel for t in self.cluster.protected], head, reason="initial sync")
             else:
-                await self.sync(dirty, head, reason="dirty-path resync")
+                # What was journaled after the spill is in no dirty list and is not streamed
+                # either (streaming resumes at `head`): it is resynced with the rest.
+                dirty |= self.state.journal_paths_after(start, upto=head)
+                paths = sorted(x for x in dirty if not has_ancestor_in(x, dirty))
+                await self.sync(paths, head, reason="dirty-path resync")
             self.db.execute("DELETE FROM dirty WHERE node=?", (p.node,))
             start = head
         await self.stream(start)

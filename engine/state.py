@@ -123,9 +123,12 @@ class State:
         ).fetchone()
         return int(n), int(size), ts
 
-    def journal_paths_after(self, seq: int) -> set[str]:
+    def journal_paths_after(self, seq: int, upto: int | None = None) -> set[str]:
+        """The paths (and rename destinations) of the journal records after `seq`, up to `upto`."""
         paths: set[str] = set()
-        for (meta,) in self.db.execute("SELECT meta FROM journal WHERE seq > ?", (seq,)):
+        rows = self.db.execute("SELECT meta FROM journal WHERE seq > ? AND seq <= ?",
+                               (seq, upto if upto is not None else 1 << 62))
+        for (meta,) in rows:
             m = json.loads(meta)
             paths.add(m["path"])
             if m.get("dst"):

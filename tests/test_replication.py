@@ -254,7 +254,13 @@ def test_full_send_queue_spills_to_a_dirty_list_and_resyncs_by_delta(demo: Demo)
                     and demo.node_status("secondary")["send_queue_bytes"] < 1 << 20, 30,
                     "the journal to be released and the paths kept as dirty")
     assert held
+    # Written after the spill, below the limit: journaled, but in no dirty list.
+    (d / "after-the-spill").write_text("journaled once the backlog was dropped\n")
+    (d / "while-down-0").rename(d / "renamed-after-the-spill")
+    wait_for(lambda: demo.node_status("secondary")["send_queue_records"] >= 2, 30,
+             "the changes after the spill to be journaled")
     demo.start("secondary")
     demo.wait_equal(60, nodes=("secondary",))
     assert not (demo.data("secondary") / "before").exists()
+    assert (demo.data("secondary") / "after-the-spill").exists()
     wait_for(lambda: demo.node_status("secondary").get("dirty_paths", 1) == 0, 30, "the dirty list to clear")
