@@ -405,6 +405,31 @@ def test_nodes_registering_at_once_share_the_new_ou(demo: Demo, samba: SambaAD) 
         conn.unbind()
 
 
+def test_on_remove_delete_takes_a_departed_nodes_object_out_of_the_directory(demo: Demo, samba: SambaAD) -> None:
+    import asyncio
+    import dataclasses
+
+    from engine.cozen.directory import DirectoryRegistrar
+
+    _with_directory(demo, samba)
+    cluster = load_cluster(demo.config)
+    assert cluster.directory is not None
+    base = f"OU=nf-remove,{samba.BASE}"
+    registrar = DirectoryRegistrar(dataclasses.replace(cluster.directory, base=base, on_remove="delete"),
+                                   cluster.name)
+    node = cluster.node("tertiary")
+    assert registrar._run(node, "enable").error == ""
+    assert samba.computer(f"{node.cozen_netbios}$") is not None
+    state = asyncio.run(registrar.remove(node))
+    assert state.error == "" and not state.registered, state
+    assert samba.computer(f"{node.cozen_netbios}$") is None
+    again = asyncio.run(registrar.remove(node))  # a second remove finds nothing to do
+    assert again.error == "" and not again.changed, again
+    conn = samba.connect()
+    assert conn.delete(base), conn.result
+    conn.unbind()
+
+
 def test_a_directory_refusal_reaches_the_operator_in_the_servers_words(demo: Demo, samba: SambaAD) -> None:
     _with_directory(demo, samba, url="ldap://127.0.0.1")  # StartTLS this time
     s = load_cluster(demo.config).node("secondary")
