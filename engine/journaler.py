@@ -74,6 +74,9 @@ class Journaler:
         # Paths whose examine found nothing: what was there moved or went before it was read,
         # with its latest content unshipped. The delete or move event follows (see `_moved`).
         self._stale: set[str] = set()
+        # Other names of a hard-linked file changed in place: inotify reports only the name it
+        # was changed through, and the others hold the same changed content.
+        self._linked: list[str] = []
 
     def process(self, changes: Iterable[Change]) -> Journaled:
         """Journal every change; returns how many records were appended, and what to look at
@@ -92,7 +95,7 @@ class Journaler:
         try:
             for change in changes:
                 if change.kind == "examine":
-                    self._append(self._examine(change.path))
+                    self._examine_with_links(change.path)
                 elif change.kind == "delete":
                     if not self._behind_non_dir(change.path):
                         self._append(self._delete(change.path))
@@ -105,11 +108,47 @@ class Journaler:
                     self.rescan(change.path)
         except BaseException:
             self.db.execute("ROLLBACK")
-            self._stale = stale
+            self._stale, self._linked = stale, []
             raise
         self.db.execute("COMMIT")
         count, self._count = self._count, 0
         return Journaled(count, again)
+
+    def _examine_with_links(self, path: str) -> int:
+        count = self._append(self._examine(path))
+        seen = {path}
+        while self._linked:
+            other = self._linked.pop()
+            if other not in seen:
+                seen.add(other)
+                count += self._append(self._examine(other))
+        return count
+
+    def _follow_links(self, path: str, old: Entry | None, st: os.stat_result) -> None:
+        """A file with other names changed: queue the names last shipped as the same version
+        (`_examine_with_links` examines them next)."""
+        if st.st_nlink > 1 and old is not None and old.kind == "file":
+            self._linked += self._other_names(path, old, st)
+
+    def _other_names(self, path: str, old: Entry, st: os.stat_result) -> list[str]:
+        """The other paths of the inode `st` that were shipped as the same version as `path`."""
+        out = []
+        for (other,) in self.db.execute("SELECT path FROM shipped WHERE kind = 'file' AND size = ? AND mtime_ns = ? "
+                                        "AND path <> ?", (old.size, old.mtime_ns, path)):
+            tree = tree_of(other, self.trees)
+            try:
+                parent, name = open_parent(self.root, other, trusted=tree.rel if tree else "")
+            except (FileNotFoundError, PathError):
+                continue
+            try:
+                ost = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            finally:
+                os.close(parent)
+            if (ost.st_dev, ost.st_ino) == (st.st_dev, st.st_ino):
+                out.append(other)
+        return out
 
     def _moved(self, src: str, dst: str, again: list[Change]) -> list[Change]:
         """Journal a rename; return `again` carried along, plus what to look at again where the
@@ -226,7 +265,7 @@ class Journaler:
             if not has_ancestor_in(p, gone):
                 count += self._append(self._delete(p))
         for p in changed:
-            count += self._append(self._examine(p))
+            count += self._examine_with_links(p)
         return count
 
     # -- per change -------------------------------------------------------------------
@@ -282,6 +321,7 @@ class Journaler:
             fresh = old is None or old.kind != "file" or old.hashes is None  # no hashes: ship it whole
             if fresh and st.st_size <= INLINE_BYTES:  # whole, in one record
                 data = read_whole(fd, st.st_size)
+                self._follow_links(path, old, st)
                 self._ship(Entry(path, "file", mode, len(data), st.st_mtime_ns, None, hash_bytes(data, self.block_size)))
                 yield "file", {"path": path, "gid": None, "size": len(data), "mode": mode,
                                "mtime_ns": st.st_mtime_ns, "fresh": True}, data
@@ -291,6 +331,7 @@ class Journaler:
             entry = Entry(path, "file", mode, st.st_size, st.st_mtime_ns, None, hashes)
             if not fresh and not blocks and same(old, entry):  # type: ignore[arg-type]
                 return
+            self._follow_links(path, old, st)
             gid = self._next_seq() if blocks else None
             for offset, data in read_ranges(fd, blocks, self.block_size, st.st_size, self.chunk):
                 yield "data", {"path": path, "gid": gid, "offset": offset, "fresh": fresh}, data

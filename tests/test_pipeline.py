@@ -8,6 +8,7 @@ have not told it about yet.
 """
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -91,5 +92,33 @@ def test_random_changes_reach_the_passive_exactly_however_late_the_journaler_rea
         p.settle()
         assert p.refused == []
         assert_level(p.active, p.passive)
+    finally:
+        p.close()
+
+
+def test_every_name_of_a_hard_linked_file_changed_in_place_follows(tmp_path: Path) -> None:
+    """inotify reports a change only under the name it was made through; the other names of
+    the file hold the same new content and mode, and the passive gets them too."""
+    p = Pipeline(tmp_path)
+    try:
+        data = p.active / "srv/data"
+        (data / "sub").mkdir()
+        (data / "a").write_bytes(b"x" * 100)
+        p.settle()
+        os.link(data / "a", data / "b")
+        os.link(data / "a", data / "sub/c")
+        p.settle()
+        assert_level(p.active, p.passive)
+        for name in ("a", "b", "sub/c"):  # through each name in turn
+            with open(data / name, "r+b") as f:
+                f.seek(10)
+                f.write(name.encode() * 3)
+            p.settle()
+            assert_level(p.active, p.passive)
+        os.chmod(data / "b", 0o600)
+        p.settle()
+        assert_level(p.active, p.passive)
+        assert (p.passive / "srv/data/sub/c").read_bytes() == (data / "a").read_bytes()
+        assert p.refused == []
     finally:
         p.close()
