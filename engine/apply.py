@@ -42,7 +42,7 @@ from engine.blocks import DIGEST_SIZE, data_extents, hash_bytes
 from engine.direct import pwrite_all
 from engine.errors import PathError, ProtocolError
 from engine.held import Held, StagedDigests
-from engine.manifest import Entry
+from engine.manifest import MAX_ID, Entry
 from engine.paths import (STAGE_NAME, check_rel_path, local_files_below, local_matcher, makedirs_parent, open_dir,
                           open_parent, tree_of)
 from engine.writer import BackgroundWrites
@@ -260,21 +260,22 @@ class Applier:
         mode = _mode("file", meta)
         mtime_ns = _int("file", meta, "mtime_ns")
         fresh = _bool("file", meta, "fresh")
+        owner = _owner("file.owner", meta.get("owner"))
         if data:  # a small new file travels whole in its "file" record
             if len(data) != size or gid is not None:
                 raise ProtocolError(f"file: {len(data)} bytes of content for a file of {size} bytes "
                                     "(expected the whole content, and no gid)")
-            self._whole(path, data, mode, mtime_ns, fresh=fresh)
+            self._whole(path, data, mode, mtime_ns, fresh=fresh, owner=owner)
             return True
         stage = self._stages.pop(gid, None) if gid is not None else None
         if stage is not None and stage.path != path:
             self._close_stage(stage, unlink=True)
             stage = None
         if stage is None:
-            if not fresh and self._update_in_place(path, size, mode, mtime_ns):
+            if not fresh and self._update_in_place(path, size, mode, mtime_ns, owner=owner):
                 return True
             stage = self._new_stage(path, f"t{next(self._tmp)}", fresh=True)
-        self._commit(stage, size, mode, mtime_ns)
+        self._commit(stage, size, mode, mtime_ns, owner=owner)
         return True
 
     def _files(self, meta: dict[str, Any], data: bytes) -> bool:
@@ -296,15 +297,20 @@ class Applier:
             end += size
         if end != len(data):
             raise ProtocolError(f"files: {len(data)} bytes of content for files of {end} bytes in all")
+        owners = meta.get("owners")  # a list of its own: an older active sends none
+        if owners is not None and (not isinstance(owners, list) or len(owners) != len(files)):
+            raise ProtocolError(f"files.owners: expected a list of {len(files)} [uid, gid]")
+        owned = [_owner(f"files.owners[{i}]", o) for i, o in enumerate(owners)] if owners else [None] * len(files)
         view = memoryview(data)
-        for path, start, size, mode, mtime_ns in checked:
-            self._whole(path, view[start : start + size], mode, mtime_ns, fresh=True)
+        for (path, start, size, mode, mtime_ns), owner in zip(checked, owned):
+            self._whole(path, view[start : start + size], mode, mtime_ns, fresh=True, owner=owner)
         return True
 
-    def _whole(self, path: str, data: bytes | memoryview, mode: int, mtime_ns: int, *, fresh: bool) -> None:
+    def _whole(self, path: str, data: bytes | memoryview, mode: int, mtime_ns: int, *, fresh: bool,
+               owner: Owner) -> None:
         """A file that arrived whole: written under its name when new, else staged and renamed."""
-        if not (fresh and self._create_new(path, data, mode, mtime_ns)):
-            self._replace_whole(path, data, mode, mtime_ns)
+        if not (fresh and self._create_new(path, data, mode, mtime_ns, owner)):
+            self._replace_whole(path, data, mode, mtime_ns, owner)
         if self.held is not None:
             self.held.put(Entry(path, "file", mode, len(data), mtime_ns, None, hash_bytes(data, self.block_size)))
 
@@ -312,6 +318,7 @@ class Applier:
         path = self._path("mkdir", meta, allow_tree_root=True)
         mode = _mode("mkdir", meta)
         mtime_ns = _int("mkdir", meta, "mtime_ns")
+        owner = _owner("mkdir.owner", meta.get("owner"))
         tree = self._tree(path)
         self.end_batch()  # a non-directory in its place is replaced
         if path == tree.rel:
@@ -323,6 +330,7 @@ class Applier:
             finally:
                 os.close(parent)
         try:
+            _fchown(fd, owner)
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime_ns, mtime_ns))
         finally:
@@ -337,6 +345,7 @@ class Applier:
         if not isinstance(target, str) or not target or "\x00" in target or len(os.fsencode(target)) >= 4096:
             raise ProtocolError("symlink.target: expected a non-empty string without NUL, under 4096 bytes")
         mtime_ns = _int("symlink", meta, "mtime_ns")
+        owner = _owner("symlink.owner", meta.get("owner"))
         tree = self._tree(path)
         self.end_batch()  # a directory in its place is removed
         parent, name = makedirs_parent(self.root, path, trusted=tree.rel)
@@ -345,6 +354,8 @@ class Applier:
             tmp = f"s{next(self._tmp)}"
             _remove_at(sfd, tmp)
             os.symlink(target, tmp, dir_fd=sfd)
+            if owner is not None:
+                _ignore_eperm(os.chown, tmp, *owner, dir_fd=sfd, follow_symlinks=False)
             try:
                 self._clear_dir(parent, name, path)
                 _remove_dir_at(parent, name)  # rename cannot put a symlink over a directory
@@ -493,6 +504,7 @@ class Applier:
         path = self._path("attr", meta, allow_tree_root=True)
         mode = _mode("attr", meta)
         mtime_ns = _int("attr", meta, "mtime_ns")
+        owner = _owner("attr.owner", meta.get("owner"))
         tree = self._tree(path)
         if path == tree.rel:
             try:
@@ -500,6 +512,7 @@ class Applier:
             except (FileNotFoundError, NotADirectoryError):
                 return True
             try:
+                _fchown(fd, owner)
                 os.fchmod(fd, mode)
                 os.utime(fd, ns=(mtime_ns, mtime_ns))
             finally:
@@ -514,6 +527,8 @@ class Applier:
                 st = os.stat(name, dir_fd=parent, follow_symlinks=False)
             except FileNotFoundError:
                 return True
+            if owner is not None:
+                _ignore_eperm(os.chown, name, *owner, dir_fd=parent, follow_symlinks=False)
             if not stat.S_ISLNK(st.st_mode):
                 # fchmodat cannot refuse a symlink on Linux; the lstat above says this is none,
                 # and nothing but apply writes to a passive's tree.
@@ -525,7 +540,7 @@ class Applier:
             self.held.retime(path, mode, mtime_ns)
         return True
 
-    def _replace_whole(self, path: str, data: bytes | memoryview, mode: int, mtime_ns: int) -> None:
+    def _replace_whole(self, path: str, data: bytes | memoryview, mode: int, mtime_ns: int, owner: Owner) -> None:
         """Stage the whole new content and rename it over whatever is at `path`."""
         stage = self._new_stage(path, f"t{next(self._tmp)}", fresh=True)
         try:
@@ -535,9 +550,9 @@ class Applier:
             raise
         stage.end = len(data)
         stage.digests = None  # the whole content is at hand: the caller hashes it
-        self._commit(stage, len(data), mode, mtime_ns)
+        self._commit(stage, len(data), mode, mtime_ns, owner=owner)
 
-    def _create_new(self, path: str, data: bytes | memoryview, mode: int, mtime_ns: int) -> bool:
+    def _create_new(self, path: str, data: bytes | memoryview, mode: int, mtime_ns: int, owner: Owner) -> bool:
         """Write a small new file straight under its name; False when the name is taken.
 
         Staging and renaming across directories doubled the directory work of an initial sync
@@ -553,6 +568,7 @@ class Applier:
             return False
         try:
             pwrite_all(fd, data, 0)
+            _fchown(fd, owner)
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime_ns, mtime_ns))
         except BaseException:
@@ -612,13 +628,14 @@ class Applier:
         finally:
             os.close(src)
 
-    def _commit(self, stage: _Stage, size: int, mode: int, mtime_ns: int) -> None:
+    def _commit(self, stage: _Stage, size: int, mode: int, mtime_ns: int, *, owner: Owner) -> None:
         """Finish the staged file and rename it over its target."""
         try:
             self._writes.wait(stage.fd)
             fd = stage.fd
             if not (stage.fresh and stage.end == size):
                 os.ftruncate(fd, size)
+            _fchown(fd, owner)  # before the mode: chown clears set-user-id and set-group-id
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime_ns, mtime_ns))
             parent, name = self._parent(stage.path, stage.trusted)
@@ -650,8 +667,8 @@ class Applier:
                                      read_block=lambda i: os.pread(stage.fd, bs, i * bs))
         self.held.put(Entry(stage.path, "file", mode, size, mtime_ns, None, hashes))
 
-    def _update_in_place(self, path: str, size: int, mode: int, mtime_ns: int) -> bool:
-        """Set size, mode and mtime of an existing regular file; False if there is none."""
+    def _update_in_place(self, path: str, size: int, mode: int, mtime_ns: int, *, owner: Owner) -> bool:
+        """Set size, mode, owner and mtime of an existing regular file; False if there is none."""
         tree = self._tree(path)
         try:
             parent, name = open_parent(self.root, path, trusted=tree.rel)
@@ -674,6 +691,7 @@ class Applier:
                 return False
             if st.st_size != size:
                 os.ftruncate(fd, size)
+            _fchown(fd, owner)
             os.fchmod(fd, mode)
             os.utime(fd, ns=(mtime_ns, mtime_ns))
         finally:
@@ -851,6 +869,31 @@ def _opt_int(op: str, meta: dict[str, Any], field: str) -> int | None:
 
 def _mode(op: str, meta: dict[str, Any]) -> int:
     return _int(op, meta, "mode", 0, 0o7777)
+
+
+Owner = tuple[int, int] | None  # (uid, gid); None where the active did not say (an older version)
+
+
+def _owner(field: str, value: object) -> Owner:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_ID for v in value)):
+        raise ProtocolError(f"{field}: expected [uid, gid], two integers in 0..{MAX_ID}")
+    return value[0], value[1]
+
+
+def _fchown(fd: int, owner: Owner) -> None:
+    if owner is not None:
+        _ignore_eperm(os.fchown, fd, *owner)
+
+
+def _ignore_eperm(chown: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """Give an entry its owner; a passive that does not run as root keeps its own."""
+    try:
+        chown(*args, **kwargs)
+    except PermissionError:
+        pass
 
 
 def _bool(op: str, meta: dict[str, Any], field: str) -> bool:

@@ -40,9 +40,9 @@ GROUP_BYTES = 16 << 20
 
 #: A walked entry replaces its row; a file's hashes survive only if it is the same version.
 _REBASE = """
-INSERT INTO shipped(path, kind, mode, size, mtime_ns, target, hashes) VALUES(?,?,?,?,?,?,NULL)
+INSERT INTO shipped(path, kind, mode, size, mtime_ns, target, hashes, uid, gid) VALUES(?,?,?,?,?,?,NULL,?,?)
 ON CONFLICT(path) DO UPDATE SET kind=excluded.kind, mode=excluded.mode, size=excluded.size,
-    mtime_ns=excluded.mtime_ns, target=excluded.target,
+    mtime_ns=excluded.mtime_ns, target=excluded.target, uid=excluded.uid, gid=excluded.gid,
     hashes=CASE WHEN shipped.kind = 'file' AND excluded.kind = 'file' AND shipped.size = excluded.size
                 AND shipped.mtime_ns = excluded.mtime_ns THEN shipped.hashes END
 """
@@ -221,7 +221,7 @@ class Journaler:
         try:
             for tree in self.trees:
                 for e in scan_tree(self.root, tree, block_size=self.block_size, with_hashes=False):
-                    db.execute(_REBASE, (e.path, e.kind, e.mode, e.size, e.mtime_ns, e.target))
+                    db.execute(_REBASE, (e.path, e.kind, e.mode, e.size, e.mtime_ns, e.target, e.uid, e.gid))
                     db.execute("INSERT OR IGNORE INTO baseline_seen(path) VALUES(?)", (e.path,))
                     n += 1
                     if n % 256 == 0 and time.monotonic() - opened > GROUP_SECONDS:
@@ -290,19 +290,22 @@ class Journaler:
             return
         old = self._shipped(path)
         mode = stat.S_IMODE(st.st_mode)
+        owner = (st.st_uid, st.st_gid)
         if stat.S_ISDIR(st.st_mode):
-            if old is None or old.kind != "dir" or old.mode != mode:
-                self._ship(Entry(path, "dir", mode, 0, st.st_mtime_ns))
-                yield "mkdir", {"path": path, "mode": mode, "mtime_ns": st.st_mtime_ns}, b""
+            if old is None or old.kind != "dir" or old.mode != mode or old.owner != owner:
+                self._ship(Entry(path, "dir", mode, 0, st.st_mtime_ns, None, None, *owner))
+                yield "mkdir", {"path": path, "mode": mode, "mtime_ns": st.st_mtime_ns, "owner": list(owner)}, b""
         elif stat.S_ISLNK(st.st_mode):
             try:
                 target = os.readlink(name, dir_fd=parent)
             except OSError:
                 self._stale.add(path)  # replaced meanwhile; its event follows
                 return
-            if old is None or old.kind != "symlink" or old.target != target or old.mtime_ns != st.st_mtime_ns:
-                self._ship(Entry(path, "symlink", mode, 0, st.st_mtime_ns, target))
-                yield "symlink", {"path": path, "target": target, "mtime_ns": st.st_mtime_ns}, b""
+            if (old is None or old.kind != "symlink" or old.target != target or old.mtime_ns != st.st_mtime_ns
+                    or old.owner != owner):
+                self._ship(Entry(path, "symlink", mode, 0, st.st_mtime_ns, target, None, *owner))
+                yield "symlink", {"path": path, "target": target, "mtime_ns": st.st_mtime_ns,
+                                  "owner": list(owner)}, b""
         elif stat.S_ISREG(st.st_mode):
             yield from self._examine_file(path, parent, name, old)
 
@@ -322,13 +325,14 @@ class Journaler:
             if fresh and st.st_size <= INLINE_BYTES:  # whole, in one record
                 data = read_whole(fd, st.st_size)
                 self._follow_links(path, old, st)
-                self._ship(Entry(path, "file", mode, len(data), st.st_mtime_ns, None, hash_bytes(data, self.block_size)))
+                self._ship(Entry(path, "file", mode, len(data), st.st_mtime_ns, None, hash_bytes(data, self.block_size),
+                                 st.st_uid, st.st_gid))
                 yield "file", {"path": path, "gid": None, "size": len(data), "mode": mode,
-                               "mtime_ns": st.st_mtime_ns, "fresh": True}, data
+                               "mtime_ns": st.st_mtime_ns, "fresh": True, "owner": [st.st_uid, st.st_gid]}, data
                 return
             hashes = hash_file(fd, self.block_size)
             blocks = changed_blocks(None if fresh else old.hashes, hashes)  # type: ignore[union-attr]
-            entry = Entry(path, "file", mode, st.st_size, st.st_mtime_ns, None, hashes)
+            entry = Entry(path, "file", mode, st.st_size, st.st_mtime_ns, None, hashes, st.st_uid, st.st_gid)
             if not fresh and not blocks and same(old, entry):  # type: ignore[arg-type]
                 return
             self._follow_links(path, old, st)
@@ -337,7 +341,7 @@ class Journaler:
                 yield "data", {"path": path, "gid": gid, "offset": offset, "fresh": fresh}, data
             self._ship(entry)
             yield "file", {"path": path, "gid": gid, "size": st.st_size, "mode": mode,
-                           "mtime_ns": st.st_mtime_ns, "fresh": fresh}, b""
+                           "mtime_ns": st.st_mtime_ns, "fresh": fresh, "owner": [st.st_uid, st.st_gid]}, b""
         finally:
             os.close(fd)
 
@@ -404,15 +408,14 @@ class Journaler:
 def shipped_entry(db: sqlite3.Connection, path: str) -> Entry | None:
     """The last journaled version of `path`, as the active recorded it."""
     row = db.execute(
-        "SELECT path, kind, mode, size, mtime_ns, target, hashes FROM shipped WHERE path = ?", (path,)
+        f"SELECT {_COLUMNS} FROM shipped WHERE path = ?", (path,)
     ).fetchone()
     return _entry(row) if row else None
 
 
 def put_shipped(db: sqlite3.Connection, *entries: Entry) -> None:
     db.executemany(
-        "INSERT OR REPLACE INTO shipped(path, kind, mode, size, mtime_ns, target, hashes) VALUES(?,?,?,?,?,?,?)",
-        [(e.path, e.kind, e.mode, e.size, e.mtime_ns, e.target, e.hashes) for e in entries],
+        f"INSERT OR REPLACE INTO shipped({_COLUMNS}) VALUES(?,?,?,?,?,?,?,?,?)", entries,
     )
 
 
@@ -433,7 +436,7 @@ def shipped_under(db: sqlite3.Connection, path: str) -> dict[str, Entry]:
     """The last journaled version of `path` and of everything below it, parents before children
     (in the primary key's order, which costs nothing: a path sorts before its own extensions)."""
     rows = db.execute(
-        f"SELECT path, kind, mode, size, mtime_ns, target, hashes FROM shipped WHERE {_UNDER} ORDER BY path",
+        f"SELECT {_COLUMNS} FROM shipped WHERE {_UNDER} ORDER BY path",
         _under(path),
     )
     return {row[0]: _entry(row) for row in rows}
@@ -455,9 +458,12 @@ def _within(path: str, top: str) -> bool:
     return path == top or path.startswith(top + "/")
 
 
+_COLUMNS = "path, kind, mode, size, mtime_ns, target, hashes, uid, gid"  # an Entry's fields, in order
+
+
 def _entry(row: tuple[Any, ...]) -> Entry:
-    path, kind, mode, size, mtime_ns, target, hashes = row
-    return Entry(path, kind, mode, size, mtime_ns, target, bytes(hashes) if hashes is not None else None)
+    path, kind, mode, size, mtime_ns, target, hashes, uid, gid = row
+    return Entry(path, kind, mode, size, mtime_ns, target, bytes(hashes) if hashes is not None else None, uid, gid)
 
 
 #: `path` and everything below it, as a range of the primary key (LIKE would scan the table):

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["Entry", "KINDS", "scan_tree", "same", "split_identity_dirs"]
 
 KINDS = ("file", "dir", "symlink")
+MAX_ID = (1 << 32) - 2  # the largest uid or gid (2**32 - 1 means "unchanged" to chown)
 
 _NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NOFOLLOW_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -48,13 +49,20 @@ class Entry(NamedTuple):
     mtime_ns: int = 0
     target: str | None = None    # symlink target, verbatim
     hashes: bytes | None = None  # block digests of a file, when asked for
+    uid: int = -1                # numeric owner (clones share their user ids); -1: not known
+    gid: int = -1
 
     def to_json(self) -> dict[str, Any]:
         return {
             "path": self.path, "kind": self.kind, "mode": self.mode, "size": self.size,
             "mtime_ns": self.mtime_ns, "target": self.target,
-            "hashes": None if self.hashes is None else self.hashes.hex(),
+            "hashes": None if self.hashes is None else self.hashes.hex(), "uid": self.uid, "gid": self.gid,
         }
+
+    @property
+    def owner(self) -> tuple[int, int] | None:
+        """(uid, gid), or None where a node of an older version did not say."""
+        return (self.uid, self.gid) if self.uid >= 0 and self.gid >= 0 else None
 
     @classmethod
     def from_json(cls, d: object) -> "Entry":
@@ -89,7 +97,9 @@ class Entry(NamedTuple):
                 hashes = bytes.fromhex(raw)
             except ValueError:
                 raise ProtocolError("entry.hashes: expected hex digits") from None
-        return cls(path, kind, mode, size, mtime_ns, target, hashes)
+        uid = _int(d, "uid", -1, MAX_ID, default=-1)
+        gid = _int(d, "gid", -1, MAX_ID, default=-1)
+        return cls(path, kind, mode, size, mtime_ns, target, hashes, uid, gid)
 
 
 def scan_tree(root: Path, tree: "ProtectedTree", *, block_size: int, with_hashes: bool | Callable[[str], bool],
@@ -111,7 +121,7 @@ def scan_tree(root: Path, tree: "ProtectedTree", *, block_size: int, with_hashes
                 return
             raise
         st = os.fstat(fd)
-        yield Entry(tree.rel, "dir", stat.S_IMODE(st.st_mode), 0, st.st_mtime_ns)
+        yield Entry(tree.rel, "dir", stat.S_IMODE(st.st_mode), 0, st.st_mtime_ns, None, None, st.st_uid, st.st_gid)
         yield from walk.below(fd, "")
         return
     full = check_rel_path(f"{tree.rel}/{only}", [tree])
@@ -171,12 +181,14 @@ def _holds_identity(root: Path, tree_rel: str, path: str, local: "re.Pattern[str
 def same(a: Entry, b: Entry, *, mtime: bool = True) -> bool:
     """True when two entries describe the same content and attributes.
 
-    Compares kind, mode, size, target and, when both carry them, hashes; with `mtime`, also
+    Compares kind, mode, size, target and, when both carry them, hashes and owner; with `mtime`, also
     mtime_ns of files and symlinks (never of directories: it moves with their children).
     """
     if a.kind != b.kind or a.mode != b.mode or a.size != b.size or a.target != b.target:
         return False
     if a.hashes is not None and b.hashes is not None and a.hashes != b.hashes:
+        return False
+    if a.owner is not None and b.owner is not None and a.owner != b.owner:
         return False
     if mtime and a.kind != "dir" and a.mtime_ns != b.mtime_ns:
         return False
@@ -237,7 +249,7 @@ class _Walk:
                     return None, None
                 raise
             st = os.fstat(fd)
-            return Entry(path, "dir", stat.S_IMODE(st.st_mode), 0, st.st_mtime_ns), fd
+            return Entry(path, "dir", stat.S_IMODE(st.st_mode), 0, st.st_mtime_ns, None, None, st.st_uid, st.st_gid), fd
         if not self.tree.wants(inner, False):
             return None, None
         if stat.S_ISLNK(mode):
@@ -247,18 +259,20 @@ class _Walk:
                 if exc.errno in _VANISHED + (errno.EINVAL,):
                     return None, None
                 raise
-            return Entry(path, "symlink", stat.S_IMODE(mode), 0, st.st_mtime_ns, target), None
+            return Entry(path, "symlink", stat.S_IMODE(mode), 0, st.st_mtime_ns, target, None, st.st_uid, st.st_gid), None
         if stat.S_ISREG(mode):
             return self._file(dfd, name, path, st), None
         return None, None  # fifos, sockets, devices do not replicate
 
     def _file(self, dfd: int, name: str, path: str, st: os.stat_result) -> Entry | None:
         if not (self.with_hashes(path) if callable(self.with_hashes) else self.with_hashes):
-            return Entry(path, "file", stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns)
+            return Entry(path, "file", stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, None, None,
+                         st.st_uid, st.st_gid)
         known = self.reuse(path) if self.reuse is not None else None
         if (known is not None and known.kind == "file" and known.hashes is not None
                 and known.size == st.st_size and known.mtime_ns == st.st_mtime_ns):
-            return Entry(path, "file", stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, None, known.hashes)
+            return Entry(path, "file", stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, None, known.hashes,
+                         st.st_uid, st.st_gid)
         try:
             fd = os.open(name, _NOFOLLOW_FILE, dir_fd=dfd)
         except OSError as exc:
@@ -272,7 +286,8 @@ class _Walk:
             hashes = hash_file(fd, self.block_size)
         finally:
             os.close(fd)
-        return Entry(path, "file", stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, None, hashes)
+        return Entry(path, "file", stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, None, hashes,
+                     st.st_uid, st.st_gid)
 
     def _names(self, fd: int, inner: str) -> list[str]:
         try:

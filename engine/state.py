@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS journal (
     op TEXT NOT NULL, meta TEXT NOT NULL, size INTEGER NOT NULL, ts REAL NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS shipped (
     path TEXT PRIMARY KEY, kind TEXT NOT NULL, mode INTEGER NOT NULL, size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL, target TEXT, hashes BLOB);
+    mtime_ns INTEGER NOT NULL, target TEXT, hashes BLOB, uid INTEGER NOT NULL DEFAULT -1,
+    gid INTEGER NOT NULL DEFAULT -1);
 CREATE TABLE IF NOT EXISTS peers (
     node TEXT PRIMARY KEY, journal_id TEXT, acked_received INTEGER NOT NULL DEFAULT 0,
     acked_applied INTEGER NOT NULL DEFAULT 0, resync INTEGER NOT NULL DEFAULT 0);
@@ -62,6 +63,10 @@ class State:
         self.path = state_dir / "state.db"
         self.db = self.connect()
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(shipped)")}
+        for column in ("uid", "gid"):  # a state database from before owners were kept
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE shipped ADD COLUMN {column} INTEGER NOT NULL DEFAULT -1")
         self._cache: dict[str, str | None] = {}
 
     def connect(self) -> sqlite3.Connection:

@@ -40,7 +40,7 @@ class Difference(NamedTuple):
     per file of an initial sync)."""
 
     path: str
-    kind: str  # missing | extra | type | content | mode | target | mtime
+    kind: str  # missing | extra | type | content | mode | target | mtime | owner
     active: Entry | None
     passive: Entry | None
 
@@ -114,7 +114,8 @@ def repair_records(root: Path, differences: list[Difference], *, trees: Iterable
     beneath = Beneath(Path(root), trees)
     ahead = _Prefetch(beneath, differences)
     files: list[list[Any]] = []  # small new files read, not yet yielded: [path, size, mode, mtime_ns]
-    contents: list[bytes] = []
+    owners: list[list[int]] = []  # theirs, [uid, gid] (in a list of its own: a passive of an
+    contents: list[bytes] = []    # older version reads only the four values above)
     try:
         for i, d in enumerate(differences):
             ahead.advance(i)
@@ -123,16 +124,17 @@ def repair_records(root: Path, differences: list[Difference], *, trees: Iterable
                     record = _one_file(record)
                 if record[0] == "files":
                     files += record[1]["files"]
+                    owners += record[1]["owners"]
                     contents.append(record[2])
                     if len(files) < GROUP_FILES:
                         continue
                 if files:
-                    yield "files", {"files": files}, b"".join(contents)
-                    files, contents = [], []
+                    yield "files", {"files": files, "owners": owners}, b"".join(contents)
+                    files, owners, contents = [], [], []
                 if record[0] != "files":
                     yield record
         if files:
-            yield "files", {"files": files}, b"".join(contents)
+            yield "files", {"files": files, "owners": owners}, b"".join(contents)
     finally:
         ahead.close()
         beneath.close()
@@ -141,7 +143,8 @@ def repair_records(root: Path, differences: list[Difference], *, trees: Iterable
 def _one_file(record: Record) -> Record:
     """A "files" record of one file as the "file" record that carried it before "files" existed."""
     [(path, size, mode, mtime_ns)] = record[1]["files"]
-    return "file", {"path": path, "gid": None, "size": size, "mode": mode, "mtime_ns": mtime_ns, "fresh": True}, record[2]
+    return "file", {"path": path, "gid": None, "size": size, "mode": mode, "mtime_ns": mtime_ns, "fresh": True,
+                    "owner": record[1]["owners"][0]}, record[2]
 
 
 def _records(beneath: Beneath, d: Difference, fd: int | None, block_size: int, chunk: int,
@@ -152,10 +155,11 @@ def _records(beneath: Beneath, d: Difference, fd: int | None, block_size: int, c
         return
     a = d.active
     assert a is not None
+    owner = {"owner": list(a.owner)} if a.owner is not None else {}
     if a.kind == "dir":
-        yield "mkdir", {"path": a.path, "mode": a.mode, "mtime_ns": a.mtime_ns}, b""
+        yield "mkdir", {"path": a.path, "mode": a.mode, "mtime_ns": a.mtime_ns, **owner}, b""
     elif a.kind == "symlink":
-        yield "symlink", {"path": a.path, "target": a.target, "mtime_ns": a.mtime_ns}, b""
+        yield "symlink", {"path": a.path, "target": a.target, "mtime_ns": a.mtime_ns, **owner}, b""
     else:
         if fd is None:
             try:
@@ -178,8 +182,10 @@ def _file_records(fd: int, a: Entry, p: Entry | None, block_size: int, chunk: in
             # Small and new: the whole content at once, grouped with the next ones (`GROUP_FILES`).
             data = read_whole(fd, st.st_size)
             if (os.fstat(fd).st_mtime_ns, len(data)) == (st.st_mtime_ns, st.st_size) and on_hashed is not None:
-                on_hashed(Entry(a.path, "file", mode, st.st_size, st.st_mtime_ns, None, hash_bytes(data, block_size)))
-            yield "files", {"files": [[a.path, len(data), mode, st.st_mtime_ns]]}, data
+                on_hashed(Entry(a.path, "file", mode, st.st_size, st.st_mtime_ns, None, hash_bytes(data, block_size),
+                                st.st_uid, st.st_gid))
+            yield "files", {"files": [[a.path, len(data), mode, st.st_mtime_ns]],
+                            "owners": [[st.st_uid, st.st_gid]]}, data
             return
         gid = -next(_gids)
         if fresh:
@@ -204,9 +210,9 @@ def _file_records(fd: int, a: Entry, p: Entry | None, block_size: int, chunk: in
                 yield "data", {"path": a.path, "gid": gid, "offset": offset, "fresh": False}, data
         end = os.fstat(fd)
         if on_hashed is not None and (end.st_size, end.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
-            on_hashed(Entry(a.path, "file", mode, st.st_size, st.st_mtime_ns, None, hashes))
+            on_hashed(Entry(a.path, "file", mode, st.st_size, st.st_mtime_ns, None, hashes, st.st_uid, st.st_gid))
         yield "file", {"path": a.path, "gid": gid, "size": st.st_size, "mode": mode,
-                       "mtime_ns": st.st_mtime_ns, "fresh": fresh}, b""
+                       "mtime_ns": st.st_mtime_ns, "fresh": fresh, "owner": [st.st_uid, st.st_gid]}, b""
     finally:
         os.close(fd)
 
@@ -298,4 +304,6 @@ def _compare(a: Entry, p: Entry | None) -> str:
         return "mode"
     if a.kind != "dir" and a.mtime_ns != p.mtime_ns:
         return "mtime"
+    if a.owner is not None and p.owner is not None and a.owner != p.owner:
+        return "owner"
     return ""

@@ -119,7 +119,7 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
 
 
 def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
-    """Content, mode, size, symlink target and file mtime of every entry below root."""
+    """Content, mode, size, owner, symlink target and file mtime of every entry below root."""
     out: dict[str, tuple[Any, ...]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not (dirpath == str(root) and d == ".nf-stage")]
@@ -127,12 +127,13 @@ def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
             full = Path(dirpath) / name
             rel = str(full.relative_to(root))
             st = full.lstat()
+            owner = (st.st_uid, st.st_gid)
             if full.is_symlink():
-                out[rel] = ("symlink", os.readlink(full), st.st_mtime_ns)
+                out[rel] = ("symlink", os.readlink(full), st.st_mtime_ns, owner)
             elif full.is_dir():
-                out[rel] = ("dir", st.st_mode & 0o7777)
+                out[rel] = ("dir", st.st_mode & 0o7777, owner)
             else:
-                out[rel] = ("file", st.st_mode & 0o7777, st.st_size, st.st_mtime_ns, _digest(full))
+                out[rel] = ("file", st.st_mode & 0o7777, st.st_size, st.st_mtime_ns, _digest(full), owner)
     return out
 
 

@@ -1327,3 +1327,35 @@ def test_what_a_chain_of_renames_carries_before_its_first_examine_is_shipped_whe
     applier.end_batch()
     assert_level(primary, secondary)
     assert os.readlink(secondary / "srv/data/a/b/a") == "a"
+
+
+def test_verify_finds_an_owner_changed_behind_the_engines_back_and_repair_sets_it(nodes) -> None:
+    from conftest import require_root
+
+    require_root()
+    primary, secondary, active, applier = nodes
+    write(primary / "srv/data/d/f", b"x" * 100)
+    os.symlink("f", primary / "srv/data/d/l")
+    apply_all(applier, list(repair_records(primary, diff(manifest(primary), manifest(secondary)), trees=TREES,
+                                           block_size=BS, chunk=CHUNK)))
+    assert_level(primary, secondary)
+    for name in ("d", "d/f", "d/l"):
+        os.chown(secondary / "srv/data" / name, 4321, 4321, follow_symlinks=False)
+    differences = diff(manifest(primary), manifest(secondary))
+    assert sorted((d.path, d.kind) for d in differences) == [
+        ("srv/data/d", "owner"), ("srv/data/d/f", "owner"), ("srv/data/d/l", "owner")]
+    apply_all(applier, list(repair_records(primary, differences, trees=TREES, block_size=BS, chunk=CHUNK)))
+    assert diff(manifest(primary), manifest(secondary)) == []
+
+
+@pytest.mark.parametrize("owner", [[1], [1, "2"], [-1, 0], [0, 1 << 32], "0:0", [True, 0]])
+def test_a_malformed_owner_is_refused_naming_the_field(nodes, owner: object) -> None:
+    _, secondary, _, applier = nodes
+    with pytest.raises(ProtocolError, match=r"file\.owner: expected \[uid, gid\]"):
+        applier.apply("file", {"path": "srv/data/a", "gid": None, "size": 1, "mode": 0o644, "mtime_ns": 0,
+                               "fresh": True, "owner": owner}, b"x")
+    with pytest.raises(ProtocolError, match=r"files\.owners\[0\]: expected \[uid, gid\]"):
+        applier.apply("files", {"files": [["srv/data/a", 1, 0o644, 0]], "owners": [owner]}, b"x")
+    with pytest.raises(ProtocolError, match=r"entry\.uid: expected an integer"):
+        Entry.from_json({"path": "srv/data/a", "kind": "file", "mode": 0o644, "uid": "0"})
+    assert not (secondary / "srv/data/a").exists()

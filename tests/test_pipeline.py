@@ -20,6 +20,7 @@ from engine.config import ReplicationSettings
 from engine.errors import PathError, ProtocolError
 from engine.journaler import Journaler
 from engine.state import State, read_journal
+from conftest import require_root
 from test_apply import BS, TREES, Active, _random_story, assert_level
 
 
@@ -119,6 +120,35 @@ def test_every_name_of_a_hard_linked_file_changed_in_place_follows(tmp_path: Pat
         p.settle()
         assert_level(p.active, p.passive)
         assert (p.passive / "srv/data/sub/c").read_bytes() == (data / "a").read_bytes()
+        assert p.refused == []
+    finally:
+        p.close()
+
+
+def test_owners_follow_a_chown_of_files_directories_and_links(tmp_path: Path) -> None:
+    """Clones share their user ids, so owners travel as numbers: what an application's files
+    are owned by on the active, they are owned by on the passive it fails over to."""
+    require_root()
+    p = Pipeline(tmp_path)
+    try:
+        data = p.active / "srv/data"
+        (data / "db").mkdir()
+        (data / "db/table").write_bytes(b"rows" * 100)
+        (data / "db/big").write_bytes(os.urandom(3 * BS + 5))  # staged, in data records
+        os.symlink("table", data / "db/current")
+        p.settle()
+        for name, (uid, gid) in {"db": (70, 70), "db/table": (70, 71), "db/big": (1234, 5678),
+                                 "db/current": (70, 72)}.items():
+            os.chown(data / name, uid, gid, follow_symlinks=False)
+        p.settle()
+        for name in ("db", "db/table", "db/big", "db/current"):
+            a, b = os.lstat(data / name), os.lstat(p.passive / "srv/data" / name)
+            assert (b.st_uid, b.st_gid) == (a.st_uid, a.st_gid), name
+        assert_level(p.active, p.passive)
+        (data / "db/new").write_bytes(b"made by the application")  # a new file keeps its owner too
+        os.chown(data / "db/new", 70, 70)
+        p.settle()
+        assert os.stat(p.passive / "srv/data/db/new").st_uid == 70
         assert p.refused == []
     finally:
         p.close()

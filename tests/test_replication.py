@@ -58,6 +58,10 @@ def test_every_kind_of_change_replicates_to_two_passives(demo: Demo) -> None:
     (d / "to-delete").unlink()
     (d / "rmdir-me").rmdir()
     os.chmod(d / "b.txt", 0o600)
+    owned = os.geteuid() == 0  # a clone's files keep their numeric owners (the agent runs as root)
+    if owned:
+        os.chown(d / "b.txt", 1234, 5678)
+        os.chown(d / "renamed-dir", 70, 70)
     os.utime(d / "empty", ns=(1_000_000_000, 1_000_000_000))
     (d / "renamed-dir" / "sub" / "new-in-renamed").write_text("x")
     demo.wait_equal(60)
@@ -66,6 +70,9 @@ def test_every_kind_of_change_replicates_to_two_passives(demo: Demo) -> None:
         p = demo.data(node)
         assert (p / "b.txt").read_text() == "hello\nmore\n"
         assert (p / "b.txt").stat().st_mode & 0o777 == 0o600
+        if owned:
+            assert ((p / "b.txt").stat().st_uid, (p / "b.txt").stat().st_gid) == (1234, 5678)
+            assert (p / "renamed-dir").stat().st_uid == 70
         assert not (p / "a.txt").exists() and not (p / "dir").exists()
         assert os.readlink(p / "link-out") == str(outside)
         assert (p / "empty").stat().st_mtime_ns == 1_000_000_000
