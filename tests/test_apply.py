@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from conftest import require_root
 from engine.apply import Applier
 from engine.blocks import INLINE_BYTES, changed_blocks, hash_bytes, hash_file, read_ranges
 from engine.capture import Change
@@ -1330,10 +1331,8 @@ def test_what_a_chain_of_renames_carries_before_its_first_examine_is_shipped_whe
 
 
 def test_verify_finds_an_owner_changed_behind_the_engines_back_and_repair_sets_it(nodes) -> None:
-    from conftest import require_root
-
     require_root()
-    primary, secondary, active, applier = nodes
+    primary, secondary, _, applier = nodes
     write(primary / "srv/data/d/f", b"x" * 100)
     os.symlink("f", primary / "srv/data/d/l")
     apply_all(applier, list(repair_records(primary, diff(manifest(primary), manifest(secondary)), trees=TREES,

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require_root
 from engine.apply import Applier
 from engine.capture import Coalescer, Watcher
 from engine.config import ReplicationSettings
 from engine.errors import PathError, ProtocolError
 from engine.journaler import Journaler
 from engine.state import State, read_journal
-from conftest import require_root
 from test_apply import BS, TREES, Active, _random_story, assert_level
 
 
