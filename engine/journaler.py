@@ -47,6 +47,9 @@ ON CONFLICT(path) DO UPDATE SET kind=excluded.kind, mode=excluded.mode, size=exc
                 AND shipped.mtime_ns = excluded.mtime_ns THEN shipped.hashes END
 """
 GROUP_SECONDS = 0.2  # a group never holds the database's write lock for longer
+#: Stale paths wait for their delete or move event, which a watched directory always sends; past
+#: this many (events lost where nothing watches), they give way to a rescan of the trees.
+STALE_MAX = 10_000
 
 
 @dataclass
@@ -106,6 +109,9 @@ class Journaler:
                     again = self._moved(change.path, change.dst, again)
                 elif change.kind == "rescan":
                     self.rescan(change.path)
+            if len(self._stale) > STALE_MAX:
+                self._stale.clear()
+                again += [Change("rescan", t.rel, is_dir=True) for t in self.trees]
         except BaseException:
             self.db.execute("ROLLBACK")
             self._stale, self._linked = stale, []

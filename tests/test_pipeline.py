@@ -16,7 +16,7 @@ import pytest
 
 from conftest import require_root
 from engine.apply import Applier
-from engine.capture import Coalescer, Watcher
+from engine.capture import Change, Coalescer, Watcher
 from engine.config import ReplicationSettings
 from engine.errors import PathError, ProtocolError
 from engine.journaler import Journaler
@@ -150,5 +150,22 @@ def test_owners_follow_a_chown_of_files_directories_and_links(tmp_path: Path) ->
         p.settle()
         assert os.stat(p.passive / "srv/data/db/new").st_uid == 70
         assert p.refused == []
+    finally:
+        p.close()
+
+
+def test_stale_paths_that_no_event_clears_give_way_to_a_rescan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Examines that find nothing wait for the event that says where the path went; where none
+    comes (events lost), past a bound they are dropped for a rescan of the trees."""
+    from engine import journaler
+
+    monkeypatch.setattr(journaler, "STALE_MAX", 3)
+    p = Pipeline(tmp_path)
+    try:
+        few = p.journaler.process([Change("examine", f"srv/data/gone{i}") for i in range(3)])
+        assert few.again == []
+        more = p.journaler.process([Change("examine", "srv/data/gone3")])
+        assert more.again == [Change("rescan", "srv/data", is_dir=True)]
+        assert p.journaler.process([Change("examine", "srv/data/gone4")]).again == []  # the count starts again
     finally:
         p.close()
