@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 
 from inotify_simple import INotify, flags
 
-from engine.errors import NfError, PathError
-from engine.paths import open_parent
+from engine.errors import NfError
+from engine.paths import open_parent_in
 
 if TYPE_CHECKING:
     from engine.config import ProtectedTree
@@ -341,13 +341,9 @@ class Watcher:
     def _open_dir(self, path: str) -> int:
         """An fd of the directory `path`; FileNotFoundError if a symlink or a non-directory is there
         or on the way."""
-        tree = self._tree_of(path)
-        if tree is not None and tree.rel == path:
+        if self._tree_at(path) is not None:
             return os.open(self._abs(path), _DIR_FLAGS)
-        try:
-            parent, name = open_parent(Path(self._root), path, trusted=tree.rel if tree else "")
-        except PathError:
-            raise FileNotFoundError(errno.ENOENT, "a symlink on the way", path) from None
+        parent, name = open_parent_in(Path(self._root), path, self._trees)
         try:
             return os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=parent)
         except OSError as exc:

@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from engine.blocks import INLINE_BYTES, changed_blocks, hash_bytes, hash_file, read_ranges, read_whole
 from engine.capture import Change
-from engine.errors import PathError
 from engine.manifest import Entry, same, scan_tree
-from engine.paths import has_ancestor_in, open_parent, tree_of
+from engine.paths import has_ancestor_in, is_within, open_parent_in, tree_of
 
 if TYPE_CHECKING:
     from engine.config import ProtectedTree, ReplicationSettings
@@ -102,8 +101,8 @@ class Journaler:
                 elif change.kind == "delete":
                     if not self._behind_non_dir(change.path):
                         self._append(self._delete(change.path))
-                    self._stale = {p for p in self._stale if not _within(p, change.path)}
-                    again = [c for c in again if not _within(c.path, change.path)]
+                    self._stale = {p for p in self._stale if not is_within(p, change.path)}
+                    again = [c for c in again if not is_within(c.path, change.path)]
                 elif change.kind == "move":
                     assert change.dst is not None
                     again = self._moved(change.path, change.dst, again)
@@ -141,20 +140,23 @@ class Journaler:
         out = []
         for (other,) in self.db.execute("SELECT path FROM shipped WHERE kind = 'file' AND size = ? AND mtime_ns = ? "
                                         "AND path <> ?", (old.size, old.mtime_ns, path)):
-            tree = tree_of(other, self.trees)
-            try:
-                parent, name = open_parent(self.root, other, trusted=tree.rel if tree else "")
-            except (FileNotFoundError, PathError):
-                continue
-            try:
-                ost = os.stat(name, dir_fd=parent, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            finally:
-                os.close(parent)
-            if (ost.st_dev, ost.st_ino) == (st.st_dev, st.st_ino):
+            ost = self._lstat(other)
+            if ost is not None and (ost.st_dev, ost.st_ino) == (st.st_dev, st.st_ino):
                 out.append(other)
         return out
+
+    def _lstat(self, path: str) -> os.stat_result | None:
+        """The entry at `path` in the tree, reached with no symlink on the way; None if there is none."""
+        try:
+            parent, name = open_parent_in(self.root, path, self.trees)
+        except FileNotFoundError:
+            return None
+        try:
+            return os.stat(name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(parent)
 
     def _moved(self, src: str, dst: str, again: list[Change]) -> list[Change]:
         """Journal a rename; return `again` carried along, plus what to look at again where the
@@ -170,11 +172,11 @@ class Journaler:
         """
         old = self._shipped(src)
         blocked = self._behind_non_dir(src) or self._behind_non_dir(dst)
-        replaced = {p for p in self._stale if _within(p, dst) and not _within(p, src)}
-        moved = {p for p in self._stale if _within(p, src)}
+        replaced = {p for p in self._stale if is_within(p, dst) and not is_within(p, src)}
+        moved = {p for p in self._stale if is_within(p, src)}
         self._stale -= replaced | moved
-        again = [replace(c, path=dst + c.path[len(src):]) if _within(c.path, src) else c
-                 for c in again if _within(c.path, src) or not _within(c.path, dst)]
+        again = [replace(c, path=dst + c.path[len(src):]) if is_within(c.path, src) else c
+                 for c in again if is_within(c.path, src) or not is_within(c.path, dst)]
         again += [Change("examine", dst + p[len(src):]) for p in sorted(moved)]
         if blocked:
             move_shipped(self.db, src, dst)  # the passive holds neither path: the rescan ships it
@@ -188,17 +190,9 @@ class Journaler:
     def _look_again(self, old: Entry, dst: str) -> Change | None:
         """What to look at again at `dst` if what is there now is not the `old` version the
         rename record carried there."""
-        tree = tree_of(dst, self.trees)
-        try:
-            parent, name = open_parent(self.root, dst, trusted=tree.rel if tree else "")
-        except (FileNotFoundError, PathError):
+        st = self._lstat(dst)
+        if st is None:
             return Change("examine", dst)  # moved on or gone: its event carries or drops this
-        try:
-            st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            return Change("examine", dst)
-        finally:
-            os.close(parent)
         if stat.S_ISDIR(st.st_mode):
             return None if old.kind == "dir" else Change("rescan", dst, is_dir=True)
         kind = "file" if stat.S_ISREG(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) else None
@@ -276,11 +270,10 @@ class Journaler:
 
     # -- per change -------------------------------------------------------------------
     def _examine(self, path: str) -> Iterator[Record]:
-        tree = tree_of(path, self.trees)
         try:
             # No symlink on the way: one put in since the event would lead outside the tree.
-            parent, name = open_parent(self.root, path, trusted=tree.rel if tree else "")
-        except (FileNotFoundError, PathError):
+            parent, name = open_parent_in(self.root, path, self.trees)
+        except FileNotFoundError:
             self._stale.add(path)  # a delete or move event follows
             return
         try:
@@ -458,10 +451,6 @@ def fill_hashes(db: sqlite3.Connection, entries: Iterable[Entry]) -> None:
     if rows:
         db.executemany("UPDATE shipped SET hashes=? WHERE path=? AND kind='file' AND size=? AND mtime_ns=? "
                        "AND hashes IS NULL", rows)
-
-
-def _within(path: str, top: str) -> bool:
-    return path == top or path.startswith(top + "/")
 
 
 _COLUMNS = "path, kind, mode, size, mtime_ns, target, hashes, uid, gid"  # an Entry's fields, in order

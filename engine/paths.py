@@ -6,7 +6,7 @@ path inside the protected set. `open_parent` then walks to the file's parent dir
 component at a time, from a directory fd and with O_NOFOLLOW, so that a symlink in a passive's
 tree (which may point anywhere, /etc included) is never followed by a replicated write.
 
-The active reads its own tree the same way (`Beneath`, and `open_parent` in the journaler): a
+The active reads its own tree the same way (`open_parent_in`, and `Beneath` for a repair): a
 path it journals or ships may lead through a symlink by the time it reads it, and reading
 through that would ship what the symlink points at, outside the tree, under the tree's name.
 
@@ -32,8 +32,8 @@ from engine.errors import PathError
 if TYPE_CHECKING:
     from engine.config import ProtectedTree
 
-__all__ = ["STAGE_NAME", "Beneath", "check_rel_path", "tree_of", "open_parent", "makedirs_parent", "open_dir",
-           "local_matcher", "local_files_below"]
+__all__ = ["STAGE_NAME", "Beneath", "check_rel_path", "tree_of", "open_parent", "open_parent_in", "is_within",
+           "makedirs_parent", "open_dir", "local_matcher", "local_files_below"]
 
 #: Directory at the top of every protected tree where apply stages files.
 STAGE_NAME = ".nf-stage"
@@ -153,6 +153,22 @@ def open_parent(root: Path, rel: str, *, trusted: str = "") -> tuple[int, str]:
     return _walk(root, rel, trusted, create=False)
 
 
+def open_parent_in(root: Path, rel: str, trees: Iterable["ProtectedTree"]) -> tuple[int, str]:
+    """`open_parent` from the root of `rel`'s tree, for the active's reads of its own tree: there a
+    path with a symlink on the way names nothing in the tree, so it is FileNotFoundError, as a
+    path that vanished is."""
+    tree = tree_of(rel, trees)
+    try:
+        return open_parent(root, rel, trusted=tree.rel if tree else "")
+    except PathError:
+        raise FileNotFoundError(errno.ENOENT, "a symlink on the way", rel) from None
+
+
+def is_within(path: str, top: str) -> bool:
+    """`path` is `top` or lies under it."""
+    return path == top or path.startswith(top + "/")
+
+
 def makedirs_parent(root: Path, rel: str, *, trusted: str = "") -> tuple[int, str]:
     """Like `open_parent`, creating missing parents (mode 0755) on the way.
 
@@ -196,11 +212,7 @@ class Beneath:
         head, _, name = rel.rpartition("/")
         if head != self._dir:
             self.close()
-            tree = tree_of(rel, self.trees)
-            try:
-                self._fd, _ = open_parent(self.root, rel, trusted=tree.rel if tree else "")
-            except PathError:
-                raise FileNotFoundError(errno.ENOENT, "a symlink on the way", rel) from None
+            self._fd, _ = open_parent_in(self.root, rel, self.trees)
             self._dir = head
         return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._fd)
 
