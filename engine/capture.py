@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 from inotify_simple import INotify, flags
 
 from engine.errors import NfError
-from engine.paths import open_parent_in
+from engine.paths import is_within, open_parent_in, tree_of
 
 if TYPE_CHECKING:
     from engine.config import ProtectedTree
@@ -383,7 +383,7 @@ class Watcher:
     def _rebase_watches(self, src: str, dst: str) -> None:
         """Rewrite the watched paths at and under `src` to sit under `dst`."""
         self._drop_watches(dst, remove=False)  # a rename replaces what was at dst
-        moved = [(p, wd) for p, wd in self._dir_to_wd.items() if _is_within(p, src)]
+        moved = [(p, wd) for p, wd in self._dir_to_wd.items() if is_within(p, src)]
         for p, _ in moved:
             del self._dir_to_wd[p]
         for p, wd in moved:
@@ -393,7 +393,7 @@ class Watcher:
 
     def _drop_watches(self, top: str, *, remove: bool) -> None:
         """Forget the watches at and under `top`; `remove` also asks the kernel to drop them."""
-        for p in [p for p in self._dir_to_wd if _is_within(p, top)]:
+        for p in [p for p in self._dir_to_wd if is_within(p, top)]:
             wd = self._dir_to_wd.pop(p)
             if self._wd_to_dir.get(wd) == p:
                 del self._wd_to_dir[wd]
@@ -414,7 +414,7 @@ class Watcher:
     # -- filters -----------------------------------------------------------------------------
 
     def _wanted(self, path: str, is_dir: bool) -> bool:
-        tree = self._tree_of(path)
+        tree = tree_of(path, self._trees)
         if tree is None:
             return False
         inner = _inner(path, tree.rel)
@@ -423,13 +423,6 @@ class Watcher:
         if inner.partition("/")[0] == STAGE_DIR:
             return False
         return tree.wants(inner, is_dir)
-
-    def _tree_of(self, path: str) -> "ProtectedTree | None":
-        best = None
-        for tree in self._trees:
-            if _is_within(path, tree.rel) and (best is None or len(tree.rel) > len(best.rel)):
-                best = tree
-        return best
 
     def _tree_at(self, path: str) -> "ProtectedTree | None":
         return next((t for t in self._trees if t.rel == path), None)
@@ -606,11 +599,6 @@ def _parts(path: str) -> list[str]:
 
 def _join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
-
-
-def _is_within(path: str, top: str) -> bool:
-    """`path` is `top` or lies under it."""
-    return not top or path == top or path.startswith(top + "/")
 
 
 def _inner(path: str, top: str) -> str:

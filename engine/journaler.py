@@ -178,8 +178,9 @@ class Journaler:
         again = [replace(c, path=dst + c.path[len(src):]) if is_within(c.path, src) else c
                  for c in again if is_within(c.path, src) or not is_within(c.path, dst)]
         again += [Change("examine", dst + p[len(src):]) for p in sorted(moved)]
-        if blocked:
-            move_shipped(self.db, src, dst)  # the passive holds neither path: the rescan ships it
+        if blocked:  # the passive holds neither path: the rescan below ships what is there
+            forget_shipped(self.db, src)
+            forget_shipped(self.db, dst)
         else:
             self._append(self._move(src, dst))
         look = Change("rescan", dst, is_dir=True) if old is None or blocked else self._look_again(old, dst)
@@ -390,12 +391,16 @@ class Journaler:
     def _behind_non_dir(self, path: str) -> bool:
         """Whether a directory above `path` was last shipped as something else: an examine read
         late shipped what replaced it before the events of what happened below it first, and the
-        passive, which then holds no such path, would refuse to reach it through a symlink."""
+        passive, which then holds no such path, would refuse to reach it through a symlink.
+
+        Only the nearest shipped ancestor needs a look: nothing shipped lies below a shipped
+        non-directory (`_ship` and `_moved` keep it so), so above a shipped directory all are.
+        Usually that is the parent: one query."""
         head = path.rpartition("/")[0]
         while "/" in head:
             e = self._shipped(head)
-            if e is not None and e.kind != "dir":
-                return True
+            if e is not None:
+                return e.kind != "dir"
             head = head.rpartition("/")[0]
         return False
 
