@@ -40,7 +40,7 @@ from engine.plugins import Plugins
 from engine.protocol import Codec, Message
 from engine.replication import ManifestWaiter, PeerProgress, Receiver, Sender
 from engine.single import hold_node_lock
-from engine.state import State
+from engine.state import State, journal_upkeep
 from engine.tls import client_context, server_context
 from engine.switchover import switchover
 from engine.verify import run_verify
@@ -637,45 +637,35 @@ class Agent:
     async def _maintenance_loop(self) -> None:
         """Give back idle bulk buffers; on the active, also persist peer progress, truncate the
         journal, and spill overflowing send queues."""
+        db = self.state.connect()  # the upkeep's own, used only in its worker thread
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
             trim_idle()
             if self.role != "active":
                 continue
             try:
-                self._maintain_journal()
+                await self._maintain_journal(db)
             except Exception as exc:  # keep the loop alive; say what went wrong
                 log.exception("journal maintenance failed")
                 self.last_error = f"journal maintenance: {exc}"
 
-    def _maintain_journal(self) -> None:
-        db = self.state.db
+    async def _maintain_journal(self, db: sqlite3.Connection) -> None:
         passives = [n.id for n in self.cluster.nodes if n.id != self.node.id]
+        progress = {node: self.progress.setdefault(node, self._load_progress(node)) for node in passives}
+        acked = {node: (p.acked_received, p.acked_applied) for node, p in progress.items()}
         limit = self.cluster.replication.send_queue_max_bytes
-        for node in passives:
-            p = self.progress.setdefault(node, self._load_progress(node))
-            _n, size, _ts = self.state.journal_backlog(p.acked_applied)
-            if size > limit:
-                head = self.state.journal_head()
-                paths = self.state.journal_paths_after(p.acked_applied)
-                with db:
-                    db.execute("BEGIN IMMEDIATE")
-                    db.executemany("INSERT OR IGNORE INTO dirty(node, path) VALUES(?, ?)", [(node, x) for x in paths])
-                    p.acked_applied = p.acked_received = head
-                self.event("warning", "send_queue_overflow",
-                           f"send queue to {node} passed {limit} bytes: {len(paths)} path(s) kept as a dirty list "
-                           f"for a delta resync")
-                link = self.channel.links.get(node)
-                if link is not None:
-                    link.close()
-            db.execute(
-                "INSERT INTO peers(node, journal_id, acked_received, acked_applied) VALUES(?,?,?,?) "
-                "ON CONFLICT(node) DO UPDATE SET acked_received=excluded.acked_received, "
-                "acked_applied=excluded.acked_applied",
-                (node, self.state.get("journal_id"), p.acked_received, p.acked_applied),
-            )
-        low = min((self.progress[n].acked_applied for n in passives), default=self.state.journal_head())
-        self.state.truncate_journal(low)
+        # Its writes wait for the journaler's groups, which hold the write lock back to back:
+        # in the loop's thread that wait stalled heartbeats past the failover timeout.
+        spilled = await asyncio.to_thread(journal_upkeep, db, self.state.get("journal_id"), acked, limit)
+        for node, (head, count) in spilled.items():
+            p = progress[node]
+            p.acked_applied, p.acked_received = max(p.acked_applied, head), max(p.acked_received, head)
+            self.event("warning", "send_queue_overflow",
+                       f"send queue to {node} passed {limit} bytes: {count} path(s) kept as a dirty list "
+                       f"for a delta resync")
+            link = self.channel.links.get(node)
+            if link is not None:
+                link.close()
 
     # -- status -----------------------------------------------------------------------
     def _self_view(self) -> dict[str, Any]:

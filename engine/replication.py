@@ -511,9 +511,7 @@ class Receiver:
 
     def state_event(self, level: str, kind: str, message: str) -> None:
         try:
-            self.apply_db.execute(
-                "INSERT INTO events(ts, level, kind, message) VALUES(?,?,?,?)", (time.time(), level, kind, message)
-            )
+            self.state.event(level, kind, message)
         except sqlite3.Error:
             pass
 

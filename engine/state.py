@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,13 @@ CREATE TABLE IF NOT EXISTS recvq (
 CREATE TABLE IF NOT EXISTS divergences (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, epoch INTEGER NOT NULL, fork_seq INTEGER NOT NULL,
     paths TEXT NOT NULL);
+"""
+
+#: Events live in a database of their own. They are written from the event loop, and the
+#: journaler's groups hold state.db's write lock back to back (SQLite's busy wait rarely finds
+#: the gap between two): an event written there stalled the loop, heartbeats included, for over
+#: a second while 20,000 new files were journaled, and a passive promoted.
+EVENTS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, level TEXT NOT NULL,
     kind TEXT NOT NULL, message TEXT NOT NULL, data TEXT);
@@ -68,6 +76,13 @@ class State:
             if column not in columns:
                 self.db.execute(f"ALTER TABLE shipped ADD COLUMN {column} INTEGER NOT NULL DEFAULT -1")
         self._cache: dict[str, str | None] = {}
+        # Diagnostics, not state: a crash may lose the last events, never a write of state.db.
+        self._events = sqlite3.connect(state_dir / "events.db", isolation_level=None, check_same_thread=False,
+                                       timeout=30)
+        self._events.execute("PRAGMA journal_mode=WAL")
+        self._events.execute("PRAGMA synchronous=NORMAL")
+        self._events.executescript(EVENTS_SCHEMA)
+        self._events_lock = threading.Lock()  # written from the loop and from the apply thread
 
     def connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -102,15 +117,17 @@ class State:
 
     # -- events -----------------------------------------------------------------------
     def event(self, level: str, kind: str, message: str, **data: object) -> None:
-        self.db.execute(
-            "INSERT INTO events(ts, level, kind, message, data) VALUES(?,?,?,?,?)",
-            (time.time(), level, kind, message, json.dumps(data) if data else None),
-        )
+        with self._events_lock:
+            self._events.execute(
+                "INSERT INTO events(ts, level, kind, message, data) VALUES(?,?,?,?,?)",
+                (time.time(), level, kind, message, json.dumps(data) if data else None),
+            )
 
     def events(self, limit: int = 50) -> list[dict[str, Any]]:
-        rows = self.db.execute(
-            "SELECT ts, level, kind, message, data FROM events ORDER BY id DESC LIMIT ?", (limit,)
-        ).fetchall()
+        with self._events_lock:
+            rows = self._events.execute(
+                "SELECT ts, level, kind, message, data FROM events ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
         return [
             {"ts": ts, "level": level, "kind": kind, "message": msg, "data": json.loads(d) if d else {}}
             for ts, level, kind, msg, d in rows
@@ -118,8 +135,7 @@ class State:
 
     # -- journal (active) -------------------------------------------------------------
     def journal_head(self) -> int:
-        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name='journal'").fetchone()
-        return int(row[0]) if row else 0
+        return journal_head(self.db)
 
     def journal_backlog(self, seq: int) -> tuple[int, int, float | None]:
         """Records, bytes and the oldest timestamp of the journal after `seq`."""
@@ -129,24 +145,55 @@ class State:
         return int(n), int(size), ts
 
     def journal_paths_after(self, seq: int, upto: int | None = None) -> set[str]:
-        """The paths (and rename destinations) of the journal records after `seq`, up to `upto`."""
-        paths: set[str] = set()
-        rows = self.db.execute("SELECT meta FROM journal WHERE seq > ? AND seq <= ?",
-                               (seq, upto if upto is not None else 1 << 62))
-        for (meta,) in rows:
-            m = json.loads(meta)
-            paths.add(m["path"])
-            if m.get("dst"):
-                paths.add(m["dst"])
-        return paths
-
-    def truncate_journal(self, upto: int) -> None:
-        self.db.execute("DELETE FROM journal WHERE seq <= ?", (upto,))
+        return journal_paths_after(self.db, seq, upto)
 
     # -- receive queue (passive) ------------------------------------------------------
     def recvq_stats(self) -> tuple[int, int, float | None]:
         n, size, ts = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(ts) FROM recvq").fetchone()
         return int(n), int(size), ts
+
+
+def journal_head(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='journal'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def journal_paths_after(db: sqlite3.Connection, seq: int, upto: int | None = None) -> set[str]:
+    """The paths (and rename destinations) of the journal records after `seq`, up to `upto`."""
+    paths: set[str] = set()
+    rows = db.execute("SELECT meta FROM journal WHERE seq > ? AND seq <= ?", (seq, upto if upto is not None else 1 << 62))
+    for (meta,) in rows:
+        m = json.loads(meta)
+        paths.add(m["path"])
+        if m.get("dst"):
+            paths.add(m["dst"])
+    return paths
+
+
+def journal_upkeep(db: sqlite3.Connection, journal_id: str | None, acked: dict[str, tuple[int, int]],
+                   limit: int) -> dict[str, tuple[int, int]]:
+    """Persist each passive's acked (received, applied) positions, move the backlog of any past
+    `limit` bytes to its dirty list, and truncate the journal below every passive's applied
+    position. Returns the passives spilled, each with the journal head and the paths kept."""
+    spilled: dict[str, tuple[int, int]] = {}
+    kept: list[int] = []  # the applied positions persisted
+    for node, (received, applied) in acked.items():
+        (size,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM journal WHERE seq > ?", (applied,)).fetchone()
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            if size > limit:
+                head = journal_head(db)
+                paths = journal_paths_after(db, applied, upto=head)
+                db.executemany("INSERT OR IGNORE INTO dirty(node, path) VALUES(?, ?)", [(node, x) for x in paths])
+                received = applied = head
+                spilled[node] = (head, len(paths))
+            db.execute("INSERT INTO peers(node, journal_id, acked_received, acked_applied) VALUES(?,?,?,?) "
+                       "ON CONFLICT(node) DO UPDATE SET acked_received=excluded.acked_received, "
+                       "acked_applied=excluded.acked_applied", (node, journal_id, received, applied))
+        kept.append(applied)
+    low = min(kept, default=journal_head(db))
+    db.execute("DELETE FROM journal WHERE seq <= ?", (low,))
+    return spilled
 
 
 def read_journal(db: sqlite3.Connection, after: int, limit: int = 512, max_bytes: int = 4 << 20) -> list[JournalRecord]:

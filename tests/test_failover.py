@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 
 from conftest import Demo, assert_kept_aside, nf, wait_for
 from engine.config import load_cluster
@@ -135,3 +137,24 @@ def test_an_active_killed_right_after_its_writes_were_applied_keeps_no_divergenc
     assert any("stepping down" in e["message"] for e in demo.events("primary"))
     listed = json.loads(nf("divergence", "list", "--config", str(demo.config), "--json").stdout)
     assert next(n for n in listed["nodes"] if n["node"] == "primary")["divergences"] == [], listed
+
+
+def test_a_busy_state_database_on_the_active_stalls_neither_its_heartbeats_nor_its_answers(demo: Demo) -> None:
+    """Under a burst of new files the journaler's groups hold the state database's write lock
+    back to back. Held here for three failover timeouts, nothing the active's event loop does
+    may wait for it: a wait of a second once made a passive promote in the middle of a burst."""
+    demo.up(nodes=2)
+    timeout = load_cluster(demo.config).heartbeat.failover_timeout
+    db = sqlite3.connect(demo.workdir / "primary/state/state.db", isolation_level=None, timeout=10)
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        (demo.data("primary") / "written-while-busy").write_text("journaled once the lock is free\n")
+        end = time.monotonic() + 3 * timeout
+        while time.monotonic() < end:
+            roles = {n["id"]: (n["role"], n["connected"]) for n in demo.status()["nodes"]}
+            assert roles == {"primary": ("active", True), "secondary": ("passive", True)}, roles
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    demo.wait_equal(30, nodes=("secondary",))
+    assert [e["kind"] for e in demo.events("secondary") if e["kind"] == "role_changed"] == []
