@@ -38,7 +38,7 @@ from engine.journaler import Journaler
 from engine.netprobe import parse_target, probe_all
 from engine.plugins import Plugins
 from engine.protocol import Codec, Message
-from engine.replication import ManifestWaiter, PeerProgress, Receiver, Sender
+from engine.replication import FEATURES, ManifestWaiter, PeerProgress, Receiver, Sender
 from engine.single import hold_node_lock
 from engine.state import State, journal_upkeep
 from engine.tls import client_context, server_context
@@ -476,8 +476,10 @@ class Agent:
 
     def _hello(self) -> dict[str, Any]:
         role = "starting" if self.starting else self.role
-        # "ops": the records this node applies, so a newer active sends none it would refuse.
-        fields: dict[str, Any] = {"node": self.node.id, "role": role, "cluster": self.cluster.name, "ops": list(OPS)}
+        # "ops": the records this node applies, so a newer active sends none it would refuse;
+        # "features": what else of the protocol it knows (engine.replication.FEATURES).
+        fields: dict[str, Any] = {"node": self.node.id, "role": role, "cluster": self.cluster.name, "ops": list(OPS),
+                                  "features": list(FEATURES)}
         if self.role == "active":
             fields["journal_id"] = self.state.get("journal_id")
             fields["journal_seq"] = self.state.journal_head()
@@ -571,7 +573,7 @@ class Agent:
         elif t == "manifest_req":
             if self.receiver is None:
                 raise ProtocolError("manifest_req sent to the active")
-            asyncio.ensure_future(self.receiver.on_manifest_req(link, msg))
+            self.receiver.on_manifest_req(link, msg)
         elif t == "handover":
             if self.role != "passive" or link.hello.get("role") != "active":
                 raise ProtocolError(f"handover from {link.node}, which is not our active")

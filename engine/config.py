@@ -35,6 +35,9 @@ LOCAL_FILES = ("/etc/machine-id", "/var/lib/dbus/machine-id", "/etc/ssh/ssh_host
 STAGE_DIR = ".nf-stage"  # nf's own staging directory at the top of each protected tree
 PROVIDERS = ("local", "linux")
 COMPRESSIONS = ("zstd", "none")
+#: The smallest max_frame_bytes: a record of a small file carries it whole (64 KiB), a manifest
+#: message a file's block hashes, and a batch of them has to fit a frame.
+MIN_FRAME_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -119,8 +122,14 @@ class ReplicationSettings:
     compression_level: int = 3  # 1..19
     rescan_interval: float = 3600.0  # seconds, > 0
     send_queue_max_bytes: int = 1 << 30  # >= max_frame_bytes
-    max_frame_bytes: int = 16 << 20  # >= 2 * block_size
+    max_frame_bytes: int = 16 << 20  # >= 2 * block_size and >= MIN_FRAME_BYTES
     coalesce_ms: int = 20  # 0..10000
+
+    @property
+    def chunk_bytes(self) -> int:
+        """The most file data one record carries: half a frame at most, so a batch of records
+        cut at the other half still fits one frame."""
+        return min(4 << 20, self.max_frame_bytes // 2)
 
 
 @dataclass(frozen=True)
@@ -637,8 +646,9 @@ def _replication(r: _Reader) -> ReplicationSettings:
         raise r.error("compression", "one of " + ", ".join(COMPRESSIONS), compression)
     level = r.integer("compression_level", d.compression_level, lambda v: 1 <= v <= 19, "an integer 1..19")
     rescan = r.number("rescan_interval", d.rescan_interval, lambda v: v > 0, "seconds, more than 0")
-    frame = r.integer("max_frame_bytes", d.max_frame_bytes, lambda v: v >= 2 * block,
-                      f"at least 2 * block_size ({2 * block})")
+    least = max(2 * block, MIN_FRAME_BYTES)
+    frame = r.integer("max_frame_bytes", d.max_frame_bytes, lambda v: v >= least,
+                      f"at least {least} (1 MiB, and 2 * block_size)")
     queue = r.integer("send_queue_max_bytes", d.send_queue_max_bytes, lambda v: v >= frame,
                       f"at least max_frame_bytes ({frame})")
     coalesce = r.integer("coalesce_ms", d.coalesce_ms, lambda v: 0 <= v <= 10000, "an integer 0..10000")

@@ -70,7 +70,7 @@ class Journaler:
         self.root = root
         self.trees = tuple(trees)
         self.block_size = settings.block_size
-        self.chunk = max(settings.block_size, min(4 << 20, settings.max_frame_bytes // 2))
+        self.chunk = settings.chunk_bytes
         self._count, self._pending_bytes, self._opened = 0, 0, 0.0
         self._lock = threading.Lock()  # the flush loop and a switchover's last rescan never overlap
         # Paths whose examine found nothing: what was there moved or went before it was read,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import functools
 import os
 import posixpath
 import re
@@ -114,7 +115,13 @@ def tree_of(rel: str, trees: Iterable["ProtectedTree"]) -> "ProtectedTree | None
 
 def local_matcher(local_files: Iterable[str]) -> "re.Pattern[str]":
     """One regex for a node's identity files (absolute globs), matched against relative paths
-    such as "etc/machine-id"; it matches nothing when there are none."""
+    such as "etc/machine-id"; it matches nothing when there are none. Kept once made: a
+    passive asks for it for every path of a manifest request."""
+    return _local_matcher(tuple(local_files))
+
+
+@functools.lru_cache(maxsize=16)
+def _local_matcher(local_files: tuple[str, ...]) -> "re.Pattern[str]":
     return re.compile("|".join(fnmatch.translate(f.lstrip("/")) for f in local_files) or "(?!)")
 
 

@@ -15,12 +15,13 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.apply import Applier
+from engine.blocks import DIGEST_SIZE
 from engine.channel import Link
 from engine.errors import NfError, PathError, ProtocolError
 from engine.flush import EarlyFlush, syncfs
@@ -41,6 +42,14 @@ BATCH_RECORDS = 512
 BATCH_BYTES = 4 << 20
 WINDOW_BYTES = 64 << 20
 MANIFEST_CHUNK = 2000
+#: A `manifest_req` names at most this many paths, and this many bytes of them. A dirty-path
+#: resync asked for one path per round trip before: 5,000 changed files took 20 s, twenty
+#: times an initial sync of the same files.
+MANIFEST_PATHS = 1000
+MANIFEST_PATHS_BYTES = 256 << 10
+#: What this node's protocol does beyond what every version does, listed in its hello so a
+#: newer peer asks nothing of an older one that it would not understand.
+FEATURES = ("manifest_paths", "manifest_split")
 
 Record = tuple[str, dict[str, Any], bytes]
 
@@ -85,42 +94,116 @@ class ManifestWaiter:
     """Collects the chunks of manifests a peer sends back, by request id.
 
     A chunk marked `kept` holds directories the passive keeps only for its identity files
-    (`engine.manifest.split_identity_dirs`); a passive sends them only when asked.
+    (`engine.manifest.split_identity_dirs`); a passive sends them only when asked. An item
+    `{"path": p, "more": hex}` carries more block hashes of the file entry before it
+    (`manifest_payloads`).
     """
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
-        self._pending: dict[int, tuple[Listing, asyncio.Future[Listing]]] = {}
+        self._pending: dict[int, _Collecting] = {}
 
     def new(self) -> tuple[int, asyncio.Future[Listing]]:
         rid = next(self._ids)
         fut: asyncio.Future[Listing] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = (([], []), fut)
+        self._pending[rid] = _Collecting(fut)
         return rid, fut
 
     def on_message(self, msg: Message) -> None:
         rid = msg.get("id", int)
-        if rid not in self._pending:
+        c = self._pending.get(rid)
+        if c is None:
             return
-        (listed, kept), fut = self._pending[rid]
         if msg.type == "manifest":
-            into = kept if msg.get("kept", bool, optional=True) else listed
-            into.extend(Entry.from_json(e) for e in json.loads(bytes(msg.payload) or b"[]"))
+            try:
+                items = json.loads(bytes(msg.payload) or b"[]")
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ProtocolError(f"manifest: payload is not JSON: {exc}") from None
+            if not isinstance(items, list):
+                raise ProtocolError("manifest: expected a JSON list of entries")
+            c.add(c.kept if msg.get("kept", bool, optional=True) else c.listed, items)
             return
         del self._pending[rid]
         error = msg.get("error", str, optional=True)
-        if fut.done():
+        if c.fut.done():
             return
         if error:
-            fut.set_exception(NfError(f"peer could not list its tree: {error}"))
+            c.fut.set_exception(NfError(f"peer could not list its tree: {error}"))
         else:
-            fut.set_result((listed, kept))
+            c.fut.set_result(c.done())
 
     def fail_all(self, exc: BaseException) -> None:
-        for _, fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(exc)
+        for c in self._pending.values():
+            if not c.fut.done():
+                c.fut.set_exception(exc)
         self._pending.clear()
+
+
+@dataclass
+class _Collecting:
+    """One manifest as it arrives."""
+
+    fut: asyncio.Future[Listing]
+    listed: list[Entry] = field(default_factory=list)
+    kept: list[Entry] = field(default_factory=list)
+    more: dict[int, list[bytes]] = field(default_factory=dict)  # index in listed -> later hashes
+
+    def add(self, into: list[Entry], items: list[Any]) -> None:
+        for item in items:
+            if isinstance(item, dict) and "more" in item:
+                last = into[-1] if into is self.listed and into else None
+                if last is None or last.hashes is None or item.get("path") != last.path:
+                    raise ProtocolError("manifest.more: expected right after the file entry of the same path")
+                self.more.setdefault(len(into) - 1, []).append(_hex_digests(item["more"]))
+            else:
+                into.append(Entry.from_json(item))
+
+    def done(self) -> Listing:
+        for i, parts in self.more.items():
+            e = self.listed[i]
+            self.listed[i] = e._replace(hashes=b"".join([e.hashes or b"", *parts]))
+        return self.listed, self.kept
+
+
+def _hex_digests(raw: object) -> bytes:
+    if isinstance(raw, str) and raw and not len(raw) % (2 * DIGEST_SIZE):
+        try:
+            return bytes.fromhex(raw)
+        except ValueError:
+            pass
+    raise ProtocolError(f"manifest.more: expected hex digits in groups of {2 * DIGEST_SIZE}")
+
+
+def manifest_payloads(entries: list[Entry], budget: int, *, split: bool) -> Iterator[bytes]:
+    """Manifest entries as JSON lists of at most `budget` bytes and MANIFEST_CHUNK entries.
+
+    A file's block hashes take 1/256 of its size in hex (8 KiB blocks): a file of some GiB
+    passes a frame on its own. Its entry then carries the first part of them, and the rest
+    follows in items `{"path": p, "more": hex}`; with `split` False (an active that does not
+    list `manifest_split`) such an entry is an NfError naming the file.
+    """
+    items: list[str] = []
+    size = 0
+    for e in entries:
+        d = e.to_json()
+        text = json.dumps(d)
+        pieces = [text]
+        if len(text) > budget // 2 and e.hashes is not None:
+            if not split:
+                raise NfError(f"{e.path}: its block hashes take {len(text)} bytes, more than a manifest message "
+                              f"({budget}); upgrade the active's nf, which reads them in parts")
+            step = budget // 4 // (2 * DIGEST_SIZE) * (2 * DIGEST_SIZE)
+            hexes = d["hashes"]
+            pieces = [json.dumps({**d, "hashes": hexes[:step]})]
+            pieces += [json.dumps({"path": e.path, "more": hexes[i : i + step]}) for i in range(step, len(hexes), step)]
+        for piece in pieces:
+            if items and (size + len(piece) + 1 > budget or len(items) >= MANIFEST_CHUNK):
+                yield ("[" + ",".join(items) + "]").encode()
+                items, size = [], 0
+            items.append(piece)
+            size += len(piece) + 1
+    if items:
+        yield ("[" + ",".join(items) + "]").encode()
 
 
 @dataclass
@@ -153,7 +236,9 @@ class Sender:
         self.on_event = on_event
         self.db = state.connect()
         self.settings = cluster.replication
-        self.chunk = max(self.settings.block_size, min(4 << 20, self.settings.max_frame_bytes // 2))
+        self.chunk = self.settings.chunk_bytes
+        # A batch is cut once its data reaches this; its last record adds at most a chunk.
+        self.batch_bytes = min(BATCH_BYTES, self.settings.max_frame_bytes - self.chunk)
         self.inflight: list[tuple[int, int]] = []
 
     async def run(self) -> None:
@@ -196,7 +281,7 @@ class Sender:
         wake = self.wake()
         while not self.link.closed:
             wake.clear()
-            batch = await asyncio.to_thread(read_journal, self.db, cursor, BATCH_RECORDS, BATCH_BYTES)
+            batch = await asyncio.to_thread(read_journal, self.db, cursor, BATCH_RECORDS, self.batch_bytes)
             if not batch:
                 await wake.wait()
                 continue
@@ -204,17 +289,18 @@ class Sender:
             cursor = batch[-1].seq or cursor
 
     async def sync(self, paths: list[str], head: int, *, reason: str) -> list[Difference]:
-        """Bring the passive level for these subtrees, then mark it level at journal `head`."""
+        """Bring the passive level for these subtrees (none the ancestor of another), then mark
+        it level at journal `head`."""
         p = self.progress
         p.syncing, p.source = True, None
-        self.on_event("info", "sync_started", f"{reason} of {p.node}: {len(paths)} tree(s), journal at {head}")
+        self.on_event("info", "sync_started", f"{reason} of {p.node}: {len(paths)} path(s), journal at {head}")
         t0 = time.monotonic()
         total: list[Difference] = []
         hashed: list[Entry] = []
         keeping: asyncio.Future[None] | None = None
         try:
-            for path in paths:
-                differences = await self.compare(path, trust_journal=True)
+            for group in self._groups(paths):
+                differences = await self._compare(group, trust_journal=True)
                 total.extend(differences)
                 hashed.extend(await self.ship_repairs(differences))
             await self._send([(None, "level", {"journal_id": self.journal_id, "head": head}, b"", time.time())])
@@ -233,30 +319,40 @@ class Sender:
                       f"{reason} of {p.node} sent {len(total)} difference(s) in {time.monotonic() - t0:.1f} s")
         return total
 
-    async def compare(self, path: str, *, trust_journal: bool = False) -> list[Difference]:
-        """Differences between the active and this passive under one path.
+    async def compare(self, paths: list[str]) -> list[Difference]:
+        """Differences between the active and this passive under these paths (none the
+        ancestor of another)."""
+        out: list[Difference] = []
+        for group in self._groups(paths):
+            out.extend(await self._compare(group))
+        return out
 
-        The passive's manifest comes first: the active hashes only the files the passive also
-        holds (a file the passive lacks is shipped whole and hashed on the way). With
-        `trust_journal` (a sync, not verify) and an empty passive, the active's side is what it
-        journaled rather than a walk of its tree.
+    def _groups(self, paths: list[str]) -> Iterator[list[str]]:
+        return manifest_groups(paths, batched="manifest_paths" in (self.link.hello.get("features") or ()))
+
+    async def _compare(self, paths: list[str], *, trust_journal: bool = False) -> list[Difference]:
+        """One round trip: the passive's manifest comes first, then the active hashes only the
+        files the passive also holds (a file the passive lacks is shipped whole and hashed on
+        the way). With `trust_journal` (a sync, not verify) and a passive that holds nothing
+        below the paths, the active's side is what it journaled rather than a walk of its tree.
         """
         rid, fut = self.manifests.new()
-        await self.link.send("manifest_req", {"id": rid, "path": path, "kept": True})
+        where: dict[str, Any] = {"path": paths[0]} if len(paths) == 1 else {"paths": paths}  # "path": every version
+        await self.link.send("manifest_req", {"id": rid, **where, "kept": True})
         # Read while the passive answers (0.1 s for 20,000 files); unused if it is not empty.
-        shipped = (asyncio.ensure_future(asyncio.to_thread(_shipped_manifest, self.state, self.cluster, path))
+        shipped = (asyncio.ensure_future(asyncio.to_thread(_shipped_manifest, self.state, self.cluster, paths))
                    if trust_journal else None)
         try:
             listed, kept = await fut
             theirs = {e.path: e for e in listed}
-            if shipped is not None and set(theirs) <= {path}:
+            if shipped is not None and set(theirs) <= set(paths):
                 # An empty passive needs everything: what was journaled (shipped) names it without
                 # another walk of the tree, and the journal after `head` carries what changes meanwhile.
                 return diff(await shipped, theirs, kept=kept)
         finally:
             if shipped is not None:
                 await asyncio.gather(shipped, return_exceptions=True)  # never left running unseen
-        mine = await asyncio.to_thread(_scan, self.node.root, self.cluster, path, self.settings.block_size,
+        mine = await asyncio.to_thread(_scan, self.node.root, self.cluster, paths, self.settings.block_size,
                                        self.state, theirs)
         return diff(mine, theirs, kept=kept)
 
@@ -289,13 +385,13 @@ class Sender:
         gen = repair_records(self.node.root, differences, trees=self.cluster.protected,
                              block_size=self.settings.block_size, chunk=self.chunk,
                              on_hashed=hashed.append, grouped="files" in (self.link.hello.get("ops") or ()))
-        reading = asyncio.ensure_future(asyncio.to_thread(_take, gen))
+        reading = asyncio.ensure_future(asyncio.to_thread(_take, gen, self.batch_bytes))
         try:
             while True:
                 batch = await reading
                 if not batch:
                     break
-                reading = asyncio.ensure_future(asyncio.to_thread(_take, gen))  # the next batch is read meanwhile
+                reading = asyncio.ensure_future(asyncio.to_thread(_take, gen, self.batch_bytes))  # read meanwhile
                 now = time.time()
                 await self._send([(None, op, meta, data, now) for op, meta, data in batch])
         finally:
@@ -390,26 +486,48 @@ class Receiver:
             except (ConnectionError, OSError):
                 pass
 
-    async def on_manifest_req(self, link: Link, msg: Message) -> None:
+    def on_manifest_req(self, link: Link, msg: Message) -> None:
+        """Answer a manifest request in the background; a malformed one is refused here."""
         rid = msg.get("id", int)
-        path = msg.get("path", str)
-        with_kept = msg.get("kept", bool, optional=True)  # an active of an older version drops them
+        paths = msg.get("paths", list, optional=True)
+        if paths is None:
+            paths = [msg.get("path", str)]
+        elif not 0 < len(paths) <= MANIFEST_PATHS or not all(isinstance(p, str) for p in paths):
+            raise ProtocolError(f"manifest_req.paths: expected a list of 1 to {MANIFEST_PATHS} path strings")
+        with_kept = bool(msg.get("kept", bool, optional=True))  # an active of an older version drops them
+        asyncio.ensure_future(self._send_manifest(link, rid, paths, with_kept))
+
+    async def _send_manifest(self, link: Link, rid: int, paths: list[str], with_kept: bool) -> None:
         await self.drained()
+        split = "manifest_split" in (link.hello.get("features") or ())
         try:
-            listed, kept = await asyncio.to_thread(self._listing, path)
+            messages = await asyncio.to_thread(self._manifest_messages, paths, with_kept, split)
         except (NfError, OSError) as exc:
             await link.send("manifest_end", {"id": rid, "error": str(exc)})
             return
-        for entries, fields in ((listed, {"id": rid}), (kept if with_kept else [], {"id": rid, "kept": True})):
-            for i in range(0, len(entries), MANIFEST_CHUNK):
-                part = [e.to_json() for e in entries[i : i + MANIFEST_CHUNK]]
-                await link.send("manifest", fields, json.dumps(part).encode())
+        for kept, payload in messages:
+            await link.send("manifest", {"id": rid, "kept": True} if kept else {"id": rid}, payload)
         await link.send("manifest_end", {"id": rid})
 
-    def _listing(self, path: str) -> Listing:
-        entries = manifest(self.node.root, self.cluster, path, self.cluster.replication.block_size)
-        return split_identity_dirs(self.node.root, tree_of(path, self.cluster.protected).rel, entries,
-                                   self.node.local_files)
+    def _manifest_messages(self, paths: list[str], with_kept: bool, split: bool) -> list[tuple[bool, bytes]]:
+        """The payloads of the answer, each marked whether it holds kept directories."""
+        listed, kept = self._listing(paths)
+        budget = self.cluster.replication.max_frame_bytes // 2
+        out = [(False, p) for p in manifest_payloads(listed, budget, split=split)]
+        if with_kept:
+            out += [(True, p) for p in manifest_payloads(kept, budget, split=split)]
+        return out
+
+    def _listing(self, paths: list[str]) -> Listing:
+        listed: list[Entry] = []
+        kept: list[Entry] = []
+        for path in paths:
+            entries = manifest(self.node.root, self.cluster, path, self.cluster.replication.block_size)
+            mine, theirs = split_identity_dirs(self.node.root, tree_of(path, self.cluster.protected).rel, entries,
+                                               self.node.local_files)
+            listed += mine
+            kept += theirs
+        return listed, kept
 
     async def drained(self) -> None:
         while self.state.db.execute("SELECT 1 FROM recvq LIMIT 1").fetchone():
@@ -536,16 +654,35 @@ def _enqueue(db: sqlite3.Connection, records: list[tuple[int | None, str, dict[s
     db.execute("COMMIT")
 
 
-def _take(gen: Iterator[Record]) -> list[Record]:
+def manifest_groups(paths: list[str], *, batched: bool) -> Iterator[list[str]]:
+    """`paths` in the groups that one `manifest_req` may name; one path each for a passive
+    that does not list `manifest_paths` among its features (`batched` False)."""
+    if not batched:
+        yield from ([p] for p in paths)
+        return
+    group: list[str] = []
+    size = 0
+    for path in paths:
+        n = len(json.dumps(path)) + 1
+        if group and (len(group) >= MANIFEST_PATHS or size + n > MANIFEST_PATHS_BYTES):
+            yield group
+            group, size = [], 0
+        group.append(path)
+        size += n
+    if group:
+        yield group
+
+
+def _take(gen: Iterator[Record], max_bytes: int) -> list[Record]:
     """The next batch: up to BATCH_RECORDS records (a "files" record counts each file it
-    carries, which keeps the frame's header small) or BATCH_BYTES of data."""
+    carries, which keeps the frame's header small) or about `max_bytes` of data."""
     out: list[Record] = []
     total = count = 0
     for rec in gen:
         out.append(rec)
         total += len(rec[2])
         count += len(rec[1]["files"]) if rec[0] == "files" else 1
-        if count >= BATCH_RECORDS or total >= BATCH_BYTES:
+        if count >= BATCH_RECORDS or total >= max_bytes:
             break
     return out
 
@@ -563,9 +700,9 @@ def manifest(root: Path, cluster: "ClusterConfig", path: str, block_size: int,
     return list(scan_tree(root, tree, block_size=block_size, with_hashes=with_hashes, reuse=reuse, only=only))
 
 
-def _scan(root: Path, cluster: "ClusterConfig", path: str, block_size: int,
+def _scan(root: Path, cluster: "ClusterConfig", paths: Iterable[str], block_size: int,
           state: State, theirs: dict[str, Entry]) -> dict[str, Entry]:
-    """The active's manifest of a subtree, hashing only files the passive holds too, and reusing
+    """The active's manifest of subtrees, hashing only files the passive holds too, and reusing
     shipped hashes where size and mtime match; hashes it had to compute are kept as shipped."""
     db = state.connect()  # its own connection: verify may scan while the sender streams
     try:
@@ -581,19 +718,23 @@ def _scan(root: Path, cluster: "ClusterConfig", path: str, block_size: int,
                 reused.add(p)
             return e
 
-        mine = {e.path: e for e in manifest(root, cluster, path, block_size, reuse=known, with_hashes=held)}
+        mine = {e.path: e for path in paths
+                for e in manifest(root, cluster, path, block_size, reuse=known, with_hashes=held)}
         _keep_hashes(db, [e for e in mine.values() if e.hashes is not None and e.path not in reused])
         return mine
     finally:
         db.close()
 
 
-def _shipped_manifest(state: State, cluster: "ClusterConfig", path: str) -> dict[str, Entry]:
-    """The active's manifest of a subtree as journaled, parents first."""
-    check_rel_path(path, cluster.protected, allow_tree_root=True)
+def _shipped_manifest(state: State, cluster: "ClusterConfig", paths: Iterable[str]) -> dict[str, Entry]:
+    """The active's manifest of subtrees as journaled, parents first."""
     db = state.connect()
     try:
-        return shipped_under(db, path)
+        out: dict[str, Entry] = {}
+        for path in paths:
+            check_rel_path(path, cluster.protected, allow_tree_root=True)
+            out.update(shipped_under(db, path))
+        return out
     finally:
         db.close()
 

@@ -107,7 +107,7 @@ def repair_records(root: Path, differences: list[Difference], *, trees: Iterable
     `on_hashed` receives the entry of every file hashed on the way (with its digests), so the
     caller can keep them. Files further down the list are announced to the kernel ahead of
     time: on a cold cache many small reads in flight beat one at a time. Small new files go
-    `GROUP_FILES` to a "files" record, or with `grouped` False (a passive of an older version,
+    `GROUP_FILES` (and at most `chunk` bytes) to a "files" record, or with `grouped` False (a passive of an older version,
     which does not know that op) one to a "file" record each. Files are opened with no symlink
     on the way (`engine.paths.Beneath`) in the protected `trees`.
     """
@@ -116,6 +116,7 @@ def repair_records(root: Path, differences: list[Difference], *, trees: Iterable
     files: list[list[Any]] = []  # small new files read, not yet yielded: [path, size, mode, mtime_ns]
     owners: list[list[int]] = []  # theirs, [uid, gid] (in a list of its own: a passive of an
     contents: list[bytes] = []    # older version reads only the four values above)
+    held = 0  # bytes in contents
     try:
         for i, d in enumerate(differences):
             ahead.advance(i)
@@ -123,14 +124,18 @@ def repair_records(root: Path, differences: list[Difference], *, trees: Iterable
                 if record[0] == "files" and not grouped:
                     record = _one_file(record)
                 if record[0] == "files":
+                    if files and held + len(record[2]) > chunk:
+                        yield "files", {"files": files, "owners": owners}, b"".join(contents)
+                        files, owners, contents, held = [], [], [], 0
                     files += record[1]["files"]
                     owners += record[1]["owners"]
                     contents.append(record[2])
+                    held += len(record[2])
                     if len(files) < GROUP_FILES:
                         continue
                 if files:
                     yield "files", {"files": files, "owners": owners}, b"".join(contents)
-                    files, owners, contents = [], [], []
+                    files, owners, contents, held = [], [], [], 0
                 if record[0] != "files":
                     yield record
         if files:

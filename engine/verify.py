@@ -31,16 +31,14 @@ async def run_verify(agent: "Agent", *, repair: bool) -> dict[str, Any]:
             continue
         try:
             await wait_applied(agent, spec.id, head)
-            found = []
-            for tree in agent.cluster.protected:
-                found.extend(await sender.compare(tree.rel))
+            trees = [t.rel for t in agent.cluster.protected]
+            found = await sender.compare(trees)
             entry: dict[str, Any] = {"id": spec.id, "checked": True, "error": "",
                                      "differences": [d.to_json() for d in found]}
             if repair and found:
                 await sender.send_repairs(found)
-                left = []  # the passive applies the repairs before it answers the next manifest request
-                for tree in agent.cluster.protected:
-                    left.extend(await sender.compare(tree.rel))
+                # The passive applies the repairs before it answers the next manifest request.
+                left = await sender.compare(trees)
                 entry["repaired"] = len(found) - len(left)
                 entry["remaining"] = [d.to_json() for d in left]
             nodes.append(entry)

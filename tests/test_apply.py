@@ -1164,6 +1164,20 @@ def test_a_sync_ships_small_new_files_grouped_and_the_passive_ends_level(nodes) 
     assert_level(primary, secondary)
 
 
+def test_grouped_small_files_stay_within_a_chunk_so_a_batch_fits_a_frame(nodes) -> None:
+    primary, secondary, _, applier = nodes
+    for i in range(20):
+        (primary / f"srv/data/f{i:02d}").write_bytes(os.urandom(INLINE_BYTES - 4096))
+    chunk = 4 * INLINE_BYTES
+    records = list(repair_records(primary, diff(manifest(primary), manifest(secondary)), trees=TREES, block_size=BS,
+                                  chunk=chunk))
+    assert all(op == "files" for op, _, _ in records)
+    assert [len(meta["files"]) for _, meta, _ in records] == [4, 4, 4, 4, 4]
+    assert max(len(data) for _, _, data in records) <= chunk
+    apply_all(applier, records)
+    assert_level(primary, secondary)
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_a_sync_between_two_random_trees_ends_level(tmp_path: Path, seed: int) -> None:
     """Whatever stands where on either side (a file where a directory is, a link where a file

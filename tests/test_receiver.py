@@ -5,8 +5,11 @@ Driven in-process on a real state database and replica (no channel): records are
 """
 from __future__ import annotations
 
+import asyncio
 import errno
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +17,20 @@ import pytest
 
 from engine.config import load_cluster, load_node
 from engine.init import NodePlan, init_cluster
-from engine.replication import Receiver, _enqueue
+from engine.errors import NfError, ProtocolError
+from engine.blocks import hash_file
+from engine.protocol import Codec, Message
+from engine.replication import (FEATURES, MANIFEST_PATHS, MANIFEST_PATHS_BYTES, Listing, ManifestWaiter, Receiver,
+                                _enqueue, manifest_groups)
 from engine.state import State
 
 
-def _receiver(tmp_path: Path) -> tuple[Receiver, Path]:
+def _receiver(tmp_path: Path, replication: str = "") -> tuple[Receiver, Path]:
     cfg = init_cluster(tmp_path / "c", "demo", "app.test", ["127.0.0.9"], [
         NodePlan("primary", "127.0.0.9:7781", "127.0.0.9", tmp_path / "r1", tmp_path / "s1"),
         NodePlan("secondary", "127.0.0.9:7782", "127.0.0.9", tmp_path / "r2", tmp_path / "s2")])
+    if replication:
+        cfg.write_text(re.sub(r"(?m)^\[replication\].*$", "[replication]\n" + replication, cfg.read_text()))
     cluster = load_cluster(cfg)
     node = load_node(cfg.parent / "secondary" / "node.toml", cluster)
     data = node.root / "srv/data"
@@ -124,3 +133,106 @@ def test_a_sync_record_that_cannot_be_applied_is_reported_by_its_paths(tmp_path:
     files = [["srv/data/a", 1, 0o644, 0], ["srv/data/b", 1, 0o644, 0]]
     rx._apply_direct([(None, "files", {"files": files}, b"ab", 0.0)])
     assert rx.last_error == "sync files srv/data/a (and 1 more): [Errno 28] No space left on device"
+
+
+class _Loopback:
+    """A link whose messages go straight to the active's ManifestWaiter, checked against the
+    frame limit on the way as the channel checks them."""
+
+    def __init__(self, waiter: ManifestWaiter, rx: Receiver | None = None, features: tuple[str, ...] = FEATURES) -> None:
+        self.waiter = waiter
+        self.codec = Codec(max_frame=rx.cluster.replication.max_frame_bytes if rx else 1 << 20)
+        self.hello = {"features": list(features)}
+        self.largest = 0
+
+    async def send(self, type_: str, fields: dict[str, Any] | None = None, payload: bytes = b"") -> None:
+        frame = b"".join(self.codec.frame(type_, 1, fields, [payload]))
+        self.largest = max(self.largest, len(frame))
+        self.waiter.on_message(self.codec.decode_body(frame[4:]))
+
+
+def _ask_entries(rx: Receiver, features: tuple[str, ...] = FEATURES, **fields: Any) -> tuple[Listing, _Loopback]:
+    async def go() -> tuple[Listing, _Loopback]:
+        waiter = ManifestWaiter()
+        rid, answer = waiter.new()
+        link = _Loopback(waiter, rx, features)
+        rx.on_manifest_req(link, Message("manifest_req", 1, {"id": rid, "kept": True, **fields}))
+        return await asyncio.wait_for(answer, 30), link
+    return asyncio.run(go())
+
+
+def _ask(rx: Receiver, **fields: Any) -> tuple[list[str], list[str]]:
+    """A manifest_req with these fields, answered: the paths listed, and those kept aside."""
+    (listed, kept), _ = _ask_entries(rx, **fields)
+    return [e.path for e in listed], [e.path for e in kept]
+
+
+def test_one_manifest_request_lists_every_path_it_names(tmp_path: Path) -> None:
+    rx, data = _receiver(tmp_path)
+    (data / "a/deep").mkdir(parents=True)
+    (data / "a/deep/f").write_text("f")
+    (data / "b").write_text("b")
+    (data / "c").write_text("not asked for")
+    listed, kept = _ask(rx, paths=["srv/data/a", "srv/data/b", "srv/data/gone"])
+    assert sorted(listed) == ["srv/data/a", "srv/data/a/deep", "srv/data/a/deep/f", "srv/data/b"]
+    assert kept == []
+    assert _ask(rx, path="srv/data/b") == (["srv/data/b"], [])  # as an active of an older version asks
+
+
+def test_a_manifest_request_naming_a_path_outside_the_trees_is_answered_with_an_error(tmp_path: Path) -> None:
+    rx, _ = _receiver(tmp_path)
+    with pytest.raises(NfError, match="peer could not list its tree: .*etc/passwd"):
+        _ask(rx, paths=["srv/data", "etc/passwd"])
+
+
+@pytest.mark.parametrize("paths", [[], ["srv/data/a", 7], "srv/data/a", ["srv/data/f"] * (MANIFEST_PATHS + 1)])
+def test_a_malformed_manifest_request_is_refused_naming_the_field(tmp_path: Path, paths: Any) -> None:
+    rx, _ = _receiver(tmp_path)
+    with pytest.raises(ProtocolError, match="manifest_req.paths: expected"):
+        rx.on_manifest_req(_Loopback(ManifestWaiter()), Message("manifest_req", 1, {"id": 1, "paths": paths}))
+
+
+def test_manifest_requests_name_many_paths_only_for_a_passive_that_knows_how() -> None:
+    paths = [f"srv/data/d{i:05d}" for i in range(2500)]
+    assert [len(g) for g in manifest_groups(paths, batched=True)] == [MANIFEST_PATHS, MANIFEST_PATHS, 500]
+    assert [g for g in manifest_groups(paths, batched=False)] == [[p] for p in paths]
+    long = ["srv/data/" + f"{i:03d}" + "x" * 3000 for i in range(200)]  # a few thousand bytes each
+    groups = list(manifest_groups(long, batched=True))
+    assert [p for g in groups for p in g] == long
+    assert len(groups) > 1 and all(sum(len(p) + 3 for p in g) <= MANIFEST_PATHS_BYTES for g in groups)
+
+
+def test_a_file_whose_block_hashes_pass_a_frame_is_listed_in_parts(tmp_path: Path) -> None:
+    """At 8 KiB blocks the hashes take 1/256 of a file's size in hex: this 1 GiB file's take
+    4 MiB, more than the smallest frame (1 MiB, and its header) can carry."""
+    rx, data = _receiver(tmp_path, "max_frame_bytes = 1048576")
+    big = data / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)
+        for off in range(0, 1 << 30, 64 << 20):
+            f.seek(off)
+            f.write(os.urandom(8192))
+    (data / "small").write_text("after it")
+    (listed, _), link = _ask_entries(rx, path="srv/data")
+    entries = {e.path: e for e in listed}
+    assert entries["srv/data/big.img"].hashes == hash_file(big, 8192)
+    assert entries["srv/data/small"].hashes == hash_file(data / "small", 8192)
+    assert link.largest <= 1 << 20
+
+    # An active of an older version cannot read the parts: the answer says why instead.
+    with pytest.raises(NfError, match="srv/data/big.img: its block hashes take .* upgrade the active"):
+        _ask_entries(rx, features=("manifest_paths",), path="srv/data")
+
+
+@pytest.mark.parametrize("items", [
+    [{"path": "srv/data/f", "more": "00" * 16}],  # nothing before it
+    [{"path": "srv/data/f", "kind": "file", "mode": 420, "hashes": "00" * 16}, {"path": "srv/data/g", "more": "00" * 16}],
+    [{"path": "srv/data/f", "kind": "file", "mode": 420, "hashes": "00" * 16}, {"path": "srv/data/f", "more": "0"}],
+])
+def test_more_hashes_are_taken_only_right_after_their_file(items: list[Any]) -> None:
+    async def go() -> None:
+        waiter = ManifestWaiter()
+        rid, _ = waiter.new()
+        waiter.on_message(Message("manifest", 1, {"id": rid}, json.dumps(items).encode()))
+    with pytest.raises(ProtocolError, match="manifest.more: expected"):
+        asyncio.run(go())

@@ -215,6 +215,40 @@ def test_verify_finds_and_repairs_a_difference_made_behind_the_engines_back(demo
     assert tree_diff(d, demo.data("tertiary")) == []
 
 
+def test_the_smallest_frames_carry_a_sync_a_burst_and_a_verify_of_a_large_disk_image(demo: Demo) -> None:
+    """With max_frame_bytes at its least (1 MiB), batches of records, grouped small files and
+    the passive's manifest of a disk image whose block hashes alone take 3 MiB all fit."""
+    from nftui.demo import create
+
+    demo.workdir.mkdir(parents=True)
+    create(demo.workdir, 2)
+    demo.config.write_text(re.sub(r"(?m)^\[replication\].*$", "[replication]\nmax_frame_bytes = 1048576",
+                                  demo.config.read_text()))
+    d = demo.data("primary")
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(80):
+        (d / f"small-{i}").write_bytes(os.urandom(60 << 10))
+    for i in range(6):
+        (d / f"medium-{i}").write_bytes(os.urandom(700 << 10))
+    with open(d / "disk.img", "wb") as f:
+        f.truncate(768 << 20)
+        f.write(os.urandom(1 << 20))
+    demo.up(nodes=2)
+    demo.wait_equal(120, nodes=("secondary",))
+    for i in range(12):
+        (d / f"burst-{i}").write_bytes(os.urandom(700 << 10))
+    demo.wait_equal(60, nodes=("secondary",))
+
+    with open(demo.data("secondary") / "disk.img", "r+b") as f:  # behind the engine's back
+        f.seek(500 << 20)
+        f.write(b"corrupted")
+    fixed = nf("verify", "--config", str(demo.config), "--json", "--repair", check=False)
+    doc = json.loads(fixed.stdout)
+    assert [x["path"] for n in doc["nodes"] for x in n["differences"]] == ["srv/data/disk.img"], fixed.stdout
+    assert fixed.returncode == 0 and doc["remaining"] == 0, fixed.stdout + fixed.stderr
+    assert tree_diff(d, demo.data("secondary")) == []
+
+
 def test_status_json_while_a_passive_is_down(demo: Demo) -> None:
     demo.up(nodes=2)
     demo.kill("secondary")
