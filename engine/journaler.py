@@ -29,6 +29,7 @@ from engine.blocks import INLINE_BYTES, changed_blocks, hash_bytes, hash_file, r
 from engine.capture import Change
 from engine.manifest import Entry, same, scan_tree
 from engine.paths import has_ancestor_in, is_within, open_parent_in, tree_of
+from engine.state import INSERT_JOURNAL
 
 if TYPE_CHECKING:
     from engine.config import ProtectedTree, ReplicationSettings
@@ -366,10 +367,7 @@ class Journaler:
         n = 0
         now = time.time()
         for op, meta, data in records:
-            self.db.execute(
-                "INSERT INTO journal(op, meta, data, size, ts) VALUES(?,?,?,?,?)",
-                (op, json.dumps(meta, separators=(",", ":")), data, len(data) + 64, now),
-            )
+            self.db.execute(INSERT_JOURNAL, (op, json.dumps(meta, separators=(",", ":")), data, len(data) + 64, now))
             n += 1
             self._pending_bytes += len(data) + 64
         self._count += n

@@ -21,7 +21,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS journal (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    op TEXT NOT NULL, meta TEXT NOT NULL, size INTEGER NOT NULL, ts REAL NOT NULL, data BLOB NOT NULL);
+    op TEXT NOT NULL, meta TEXT NOT NULL, size INTEGER NOT NULL, ts REAL NOT NULL, data BLOB NOT NULL,
+    upto INTEGER);
 CREATE TABLE IF NOT EXISTS shipped (
     path TEXT PRIMARY KEY, kind TEXT NOT NULL, mode INTEGER NOT NULL, size INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, target TEXT, hashes BLOB, uid INTEGER NOT NULL DEFAULT -1,
@@ -75,6 +76,8 @@ class State:
         for column in ("uid", "gid"):  # a state database from before owners were kept
             if column not in columns:
                 self.db.execute(f"ALTER TABLE shipped ADD COLUMN {column} INTEGER NOT NULL DEFAULT -1")
+        if "upto" not in {row[1] for row in self.db.execute("PRAGMA table_info(journal)")}:
+            self.db.execute("ALTER TABLE journal ADD COLUMN upto INTEGER")  # from before backlogs were summed
         self._cache: dict[str, str | None] = {}
         # Diagnostics, not state: a crash may lose the last events, never a write of state.db.
         self._events = sqlite3.connect(state_dir / "events.db", isolation_level=None, check_same_thread=False,
@@ -138,11 +141,7 @@ class State:
         return journal_head(self.db)
 
     def journal_backlog(self, seq: int) -> tuple[int, int, float | None]:
-        """Records, bytes and the oldest timestamp of the journal after `seq`."""
-        n, size, ts = self.db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(ts) FROM journal WHERE seq > ?", (seq,)
-        ).fetchone()
-        return int(n), int(size), ts
+        return journal_backlog(self.db, seq)
 
     def journal_paths_after(self, seq: int, upto: int | None = None) -> set[str]:
         return journal_paths_after(self.db, seq, upto)
@@ -156,6 +155,30 @@ class State:
 def journal_head(db: sqlite3.Connection) -> int:
     row = db.execute("SELECT seq FROM sqlite_sequence WHERE name='journal'").fetchone()
     return int(row[0]) if row else 0
+
+
+#: Appends a journal record with `upto`, the bytes journaled up to and including it: the bytes
+#: between two records are then a difference of two rows, not a sum over the rows between.
+INSERT_JOURNAL = ("INSERT INTO journal(op, meta, data, size, ts, upto) VALUES(?1, ?2, ?3, ?4, ?5, ?4 + "
+                  "COALESCE((SELECT upto FROM journal ORDER BY seq DESC LIMIT 1), 0))")
+
+
+def journal_backlog(db: sqlite3.Connection, seq: int) -> tuple[int, int, float | None]:
+    """Records, bytes and timestamp of the oldest record of the journal after `seq`.
+
+    Read on every heartbeat and status call, for each passive: summed over the rows, 1,000,000
+    records behind a passive that was down took 0.2 s of the event loop each time. Sequences
+    are contiguous (the journal is truncated only from its start), so this is two lookups.
+    """
+    first = db.execute("SELECT seq, upto, size, ts FROM journal WHERE seq > ? ORDER BY seq LIMIT 1", (seq,)).fetchone()
+    if first is None:
+        return 0, 0, None
+    last_seq, last_upto = db.execute("SELECT seq, upto FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
+    if first[1] is None or last_upto is None:  # records of a version that did not keep `upto`
+        n, size, ts = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(ts) FROM journal WHERE seq > ?",
+                                 (seq,)).fetchone()
+        return int(n), int(size), ts
+    return last_seq - first[0] + 1, last_upto - first[1] + first[2], first[3]
 
 
 def journal_paths_after(db: sqlite3.Connection, seq: int, upto: int | None = None) -> set[str]:
@@ -178,7 +201,7 @@ def journal_upkeep(db: sqlite3.Connection, journal_id: str | None, acked: dict[s
     spilled: dict[str, tuple[int, int]] = {}
     kept: list[int] = []  # the applied positions persisted
     for node, (received, applied) in acked.items():
-        (size,) = db.execute("SELECT COALESCE(SUM(size), 0) FROM journal WHERE seq > ?", (applied,)).fetchone()
+        _, size, _ = journal_backlog(db, applied)
         with db:
             db.execute("BEGIN IMMEDIATE")
             if size > limit:
