@@ -337,7 +337,8 @@ class Sender:
         below the paths, the active's side is what it journaled rather than a walk of its tree.
         """
         rid, fut = self.manifests.new()
-        where: dict[str, Any] = {"path": paths[0]} if len(paths) == 1 else {"paths": paths}  # "path": every version
+        # One path goes as "path", which a passive of every version reads.
+        where: dict[str, Any] = {"path": paths[0]} if len(paths) == 1 else {"paths": paths}
         await self.link.send("manifest_req", {"id": rid, **where, "kept": True})
         # Read while the passive answers (0.1 s for 20,000 files); unused if it is not empty.
         shipped = (asyncio.ensure_future(asyncio.to_thread(_shipped_manifest, self.state, self.cluster, paths))

@@ -79,7 +79,7 @@ class State:
         if "upto" not in {row[1] for row in self.db.execute("PRAGMA table_info(journal)")}:
             self.db.execute("ALTER TABLE journal ADD COLUMN upto INTEGER")  # from before backlogs were summed
         self._cache: dict[str, str | None] = {}
-        # Diagnostics, not state: a crash may lose the last events, never a write of state.db.
+        # Diagnostics, not state: a power loss may lose the last events (synchronous=NORMAL).
         self._events = sqlite3.connect(state_dir / "events.db", isolation_level=None, check_same_thread=False,
                                        timeout=30)
         self._events.execute("PRAGMA journal_mode=WAL")
