@@ -52,6 +52,10 @@ class ProtocolError(NfError):
     code = "protocol_error"
 
 
+class FrameTooLarge(ProtocolError):
+    """A message to send would pass the frame or header limit that the peer enforces."""
+
+
 class ChannelAuthError(NfError):
     """A peer did not present a valid certificate of this cluster."""
 

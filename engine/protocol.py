@@ -20,7 +20,7 @@ from typing import Any
 
 import zstandard
 
-from engine.errors import ProtocolError
+from engine.errors import FrameTooLarge, ProtocolError
 
 FLAG_ZSTD = 0x01
 _HEAD = struct.Struct(">IBI")
@@ -83,6 +83,8 @@ class Codec:
         header["t"] = type_
         header["epoch"] = epoch
         raw_header = json.dumps(header, separators=(",", ":")).encode()
+        if len(raw_header) > HEADER_MAX:
+            raise FrameTooLarge(f"{type_} header of {len(raw_header)} bytes exceeds the limit of {HEADER_MAX}")
         size = sum(len(p) for p in parts)
         flags = 0
         if self.compress and size >= MIN_COMPRESS and self._worth_compressing(parts):
@@ -97,7 +99,7 @@ class Codec:
                 raw_header += b" " * pad
         frame_len = 1 + 4 + len(raw_header) + size
         if frame_len > self.max_frame + HEADER_MAX:
-            raise ProtocolError(f"frame of {frame_len} bytes exceeds the limit of {self.max_frame}")
+            raise FrameTooLarge(f"frame of {frame_len} bytes exceeds the limit of {self.max_frame}")
         return [_HEAD.pack(frame_len, flags, len(raw_header)) + raw_header, *parts]
 
     def check_frame_length(self, frame_len: int) -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from engine.apply import Applier
 from engine.blocks import DIGEST_SIZE
 from engine.channel import Link
-from engine.errors import NfError, PathError, ProtocolError
+from engine.errors import FrameTooLarge, NfError, PathError, ProtocolError
 from engine.flush import EarlyFlush, syncfs
 from engine.held import Held
 from engine.journaler import fill_hashes, shipped_entry, shipped_under
@@ -410,7 +410,16 @@ class Sender:
             self._trim_inflight()
         if last is not None:
             fields["last"] = last
-        await self.link.send("recs", fields, parts)
+        try:
+            await self.link.send("recs", fields, parts)
+        except FrameTooLarge:
+            # Headers too large: hundreds of records with paths of thousands of characters
+            # (one record always fits). Halves, each its own frame.
+            if len(records) < 2:
+                raise
+            await self._send(records[: len(records) // 2])
+            await self._send(records[len(records) // 2 :])
+            return
         if last is not None:
             self.inflight.append((last, size))
 

@@ -249,6 +249,21 @@ def test_the_smallest_frames_carry_a_sync_a_burst_and_a_verify_of_a_large_disk_i
     assert tree_diff(d, demo.data("secondary")) == []
 
 
+def test_hundreds_of_files_with_paths_of_thousands_of_characters_replicate(demo: Demo) -> None:
+    """Each record's path travels in the frame's header, which the receiver caps at 1 MiB: 512
+    records (a batch) of 2,800-character paths pass it, so such batches go in smaller frames."""
+    deep = demo.data("primary").joinpath(*[f"{i:02d}" + "d" * 248 for i in range(11)])
+    deep.mkdir(parents=True)
+    for i in range(600):
+        (deep / f"before-{i:03d}").write_text(f"{i}\n")
+    demo.up(nodes=2)
+    demo.wait_equal(120, nodes=("secondary",))
+    for i in range(600):  # journaled and streamed this time
+        (deep / f"after-{i:03d}").write_text(f"{i}\n")
+    demo.wait_equal(120, nodes=("secondary",))
+    assert len(list(demo.data("secondary").rglob("after-*"))) == 600
+
+
 def test_status_json_while_a_passive_is_down(demo: Demo) -> None:
     demo.up(nodes=2)
     demo.kill("secondary")

@@ -129,3 +129,18 @@ def test_a_large_payload_arrives_page_aligned_and_a_small_one_as_it_comes(tmp_pa
         assert is_aligned(first.payload, 4096), "a large payload is not page-aligned"
         assert bytes(second.payload) == small and second.fields == {"i": 1}
     with_pair(tmp_path, scenario)
+
+
+def test_a_frame_the_peer_would_refuse_is_never_sent() -> None:
+    """The receiver refuses a header over HEADER_MAX and a frame over the limit; the sender
+    finds out first, as FrameTooLarge, so a sender of batches can split them."""
+    from engine.errors import FrameTooLarge
+    from engine.protocol import HEADER_MAX
+
+    c = Codec(max_frame=1 << 20)
+    fits = b"".join(c.frame("recs", 1, {"paths": ["p" * 1000] * 1000}, [b"x" * (1 << 20)]))
+    assert c.decode_body(fits[4:]).fields["paths"][0] == "p" * 1000
+    with pytest.raises(FrameTooLarge, match=f"recs header of .* bytes exceeds the limit of {HEADER_MAX}"):
+        c.frame("recs", 1, {"paths": ["p" * 1000] * 1100}, [])
+    with pytest.raises(FrameTooLarge, match="frame of .* bytes exceeds"):
+        c.frame("recs", 1, {}, [random.randbytes((2 << 20) + 1)])  # incompressible
