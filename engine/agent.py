@@ -588,9 +588,10 @@ class Agent:
         row = self.state.db.execute(
             "SELECT acked_received, acked_applied, journal_id FROM peers WHERE node=?", (node,)
         ).fetchone()
+        (dirty,) = self.state.db.execute("SELECT COUNT(*) FROM dirty WHERE node=?", (node,)).fetchone()
         if row is None:
-            return PeerProgress(node)
-        return PeerProgress(node, row[0], row[1], row[2])
+            return PeerProgress(node, dirty_paths=dirty)
+        return PeerProgress(node, row[0], row[1], row[2], dirty_paths=dirty)
 
     # -- loops ------------------------------------------------------------------------
     async def _heartbeat_loop(self) -> None:
@@ -659,12 +660,13 @@ class Agent:
         # Its writes wait for the journaler's groups, which hold the write lock back to back:
         # in the loop's thread that wait stalled heartbeats past the failover timeout.
         spilled = await asyncio.to_thread(journal_upkeep, db, self.state.get("journal_id"), acked, limit)
-        for node, (head, count) in spilled.items():
+        for node, (head, added, listed) in spilled.items():
             p = progress[node]
             p.acked_applied, p.acked_received = max(p.acked_applied, head), max(p.acked_received, head)
+            p.dirty_paths = listed
             self.event("warning", "send_queue_overflow",
-                       f"send queue to {node} passed {limit} bytes: {count} path(s) kept as a dirty list "
-                       f"for a delta resync")
+                       f"send queue to {node} passed {limit} bytes: {added} path(s) kept as a dirty list "
+                       f"for a delta resync ({listed} in all)")
             link = self.channel.links.get(node)
             if link is not None:
                 link.close()
@@ -688,7 +690,7 @@ class Agent:
                     "send_queue_records": n, "send_queue_bytes": size,
                     "lag_seconds": round(max(0.0, now - oldest_unapplied), 3) if oldest_unapplied else 0.0,
                     "acked_applied": p.acked_applied, "syncing": p.syncing,
-                    "dirty_paths": self.state.db.execute("SELECT COUNT(*) FROM dirty WHERE node=?", (node,)).fetchone()[0],
+                    "dirty_paths": p.dirty_paths,
                 }
             view["peers"] = peers
         else:

@@ -30,7 +30,7 @@ from engine.journaler import fill_hashes, shipped_entry, shipped_under
 from engine.manifest import Entry, scan_tree, split_identity_dirs
 from engine.paths import check_rel_path, has_ancestor_in, tree_of
 from engine.protocol import Message
-from engine.state import State, read_journal
+from engine.state import INSERT_RECVQ, State, read_journal
 from engine.sync import Difference, diff, lanes, repair_records
 
 if TYPE_CHECKING:
@@ -216,6 +216,7 @@ class PeerProgress:
     journal_id: str | None = None
     syncing: bool = False
     source: str | None = None  # the journal the passive last applied a level record of
+    dirty_paths: int = 0  # in its dirty list: counted when it changes, not on every status
     ack_event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -259,6 +260,7 @@ class Sender:
                 paths = sorted(x for x in dirty if not has_ancestor_in(x, dirty))
                 await self.sync(paths, head, reason="dirty-path resync")
             self.db.execute("DELETE FROM dirty WHERE node=?", (p.node,))
+            p.dirty_paths = 0
             start = head
         await self.stream(start)
 
@@ -656,10 +658,8 @@ def _subject(meta: dict[str, Any]) -> str:
 def _enqueue(db: sqlite3.Connection, records: list[tuple[int | None, str, dict[str, Any], bytes, float]],
              received: int) -> None:
     db.execute("BEGIN IMMEDIATE")
-    db.executemany(
-        "INSERT INTO recvq(seq, op, meta, data, size, ts) VALUES(?,?,?,?,?,?)",
-        [(seq, op, json.dumps(meta), data, len(data) + 64, ts) for seq, op, meta, data, ts in records],
-    )
+    db.executemany(INSERT_RECVQ, [(seq, op, json.dumps(meta), data, len(data) + 64, ts)
+                                  for seq, op, meta, data, ts in records])
     db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('received_seq', ?)", (str(received),))
     db.execute("COMMIT")
 

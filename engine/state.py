@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS peers (
 CREATE TABLE IF NOT EXISTS dirty (node TEXT NOT NULL, path TEXT NOT NULL, PRIMARY KEY (node, path));
 CREATE TABLE IF NOT EXISTS recvq (
     id INTEGER PRIMARY KEY AUTOINCREMENT, seq INTEGER, op TEXT NOT NULL, meta TEXT NOT NULL,
-    size INTEGER NOT NULL, ts REAL NOT NULL, data BLOB NOT NULL);
+    size INTEGER NOT NULL, ts REAL NOT NULL, data BLOB NOT NULL, upto INTEGER);
 CREATE TABLE IF NOT EXISTS divergences (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, epoch INTEGER NOT NULL, fork_seq INTEGER NOT NULL,
     paths TEXT NOT NULL);
@@ -76,8 +76,9 @@ class State:
         for column in ("uid", "gid"):  # a state database from before owners were kept
             if column not in columns:
                 self.db.execute(f"ALTER TABLE shipped ADD COLUMN {column} INTEGER NOT NULL DEFAULT -1")
-        if "upto" not in {row[1] for row in self.db.execute("PRAGMA table_info(journal)")}:
-            self.db.execute("ALTER TABLE journal ADD COLUMN upto INTEGER")  # from before backlogs were summed
+        for table in ("journal", "recvq"):  # from before their sizes were summed as they grew
+            if "upto" not in {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN upto INTEGER")
         self._cache: dict[str, str | None] = {}
         # Diagnostics, not state: a power loss may lose the last events (synchronous=NORMAL).
         self._events = sqlite3.connect(state_dir / "events.db", isolation_level=None, check_same_thread=False,
@@ -148,8 +149,7 @@ class State:
 
     # -- receive queue (passive) ------------------------------------------------------
     def recvq_stats(self) -> tuple[int, int, float | None]:
-        n, size, ts = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(ts) FROM recvq").fetchone()
-        return int(n), int(size), ts
+        return _queued_after(self.db, "recvq", "id", 0)
 
 
 def journal_head(db: sqlite3.Connection) -> int:
@@ -157,28 +157,38 @@ def journal_head(db: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-#: Appends a journal record with `upto`, the bytes journaled up to and including it: the bytes
-#: between two records are then a difference of two rows, not a sum over the rows between.
+#: Append a journal or receive-queue record with `upto`, the bytes of the table's records up to
+#: and including it: the bytes between two records are then a difference of two rows, not a
+#: sum over the rows between.
 INSERT_JOURNAL = ("INSERT INTO journal(op, meta, data, size, ts, upto) VALUES(?1, ?2, ?3, ?4, ?5, ?4 + "
                   "COALESCE((SELECT upto FROM journal ORDER BY seq DESC LIMIT 1), 0))")
+INSERT_RECVQ = ("INSERT INTO recvq(seq, op, meta, data, size, ts, upto) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?5 + "
+                "COALESCE((SELECT upto FROM recvq ORDER BY id DESC LIMIT 1), 0))")
 
 
 def journal_backlog(db: sqlite3.Connection, seq: int) -> tuple[int, int, float | None]:
-    """Records, bytes and timestamp of the oldest record of the journal after `seq`.
+    """Records, bytes and timestamp of the oldest record of the journal after `seq`."""
+    return _queued_after(db, "journal", "seq", seq)
 
-    Read on every heartbeat and status call, for each passive: summed over the rows, 1,000,000
-    records behind a passive that was down took 0.2 s of the event loop each time. Sequences
-    are contiguous (the journal is truncated only from its start), so this is two lookups.
+
+def _queued_after(db: sqlite3.Connection, table: str, key: str, after: int) -> tuple[int, int, float | None]:
+    """Records, bytes and timestamp of the oldest record after `after` in the journal or the
+    receive queue.
+
+    Read on every heartbeat and status call: summed over the rows, 1,000,000 records behind a
+    passive that was down took 0.2 s of the event loop each time. Both tables lose records only
+    from their start, so their keys are contiguous and this is two lookups.
     """
-    first = db.execute("SELECT seq, upto, size, ts FROM journal WHERE seq > ? ORDER BY seq LIMIT 1", (seq,)).fetchone()
+    first = db.execute(f"SELECT {key}, upto, size, ts FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT 1",
+                       (after,)).fetchone()
     if first is None:
         return 0, 0, None
-    last_seq, last_upto = db.execute("SELECT seq, upto FROM journal ORDER BY seq DESC LIMIT 1").fetchone()
+    last_key, last_upto = db.execute(f"SELECT {key}, upto FROM {table} ORDER BY {key} DESC LIMIT 1").fetchone()
     if first[1] is None or last_upto is None:  # records of a version that did not keep `upto`
-        n, size, ts = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(ts) FROM journal WHERE seq > ?",
-                                 (seq,)).fetchone()
+        n, size, ts = db.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(ts) FROM {table} WHERE {key} > ?",
+                                 (after,)).fetchone()
         return int(n), int(size), ts
-    return last_seq - first[0] + 1, last_upto - first[1] + first[2], first[3]
+    return last_key - first[0] + 1, last_upto - first[1] + first[2], first[3]
 
 
 def journal_paths_after(db: sqlite3.Connection, seq: int, upto: int | None = None) -> set[str]:
@@ -194,11 +204,12 @@ def journal_paths_after(db: sqlite3.Connection, seq: int, upto: int | None = Non
 
 
 def journal_upkeep(db: sqlite3.Connection, journal_id: str | None, acked: dict[str, tuple[int, int]],
-                   limit: int) -> dict[str, tuple[int, int]]:
+                   limit: int) -> dict[str, tuple[int, int, int]]:
     """Persist each passive's acked (received, applied) positions, move the backlog of any past
     `limit` bytes to its dirty list, and truncate the journal below every passive's applied
-    position. Returns the passives spilled, each with the journal head and the paths kept."""
-    spilled: dict[str, tuple[int, int]] = {}
+    position. Returns the passives spilled, each with the journal head, the paths its backlog
+    named, and the paths in its dirty list now."""
+    spilled: dict[str, tuple[int, int, int]] = {}
     kept: list[int] = []  # the applied positions persisted
     for node, (received, applied) in acked.items():
         _, size, _ = journal_backlog(db, applied)
@@ -209,7 +220,8 @@ def journal_upkeep(db: sqlite3.Connection, journal_id: str | None, acked: dict[s
                 paths = journal_paths_after(db, applied, upto=head)
                 db.executemany("INSERT OR IGNORE INTO dirty(node, path) VALUES(?, ?)", [(node, x) for x in paths])
                 received = applied = head
-                spilled[node] = (head, len(paths))
+                (listed,) = db.execute("SELECT COUNT(*) FROM dirty WHERE node=?", (node,)).fetchone()
+                spilled[node] = (head, len(paths), listed)
             db.execute("INSERT INTO peers(node, journal_id, acked_received, acked_applied) VALUES(?,?,?,?) "
                        "ON CONFLICT(node) DO UPDATE SET acked_received=excluded.acked_received, "
                        "acked_applied=excluded.acked_applied", (node, journal_id, received, applied))

@@ -1,4 +1,4 @@
-"""The state database's journal accessors."""
+"""The state database's queue accessors: the journal on the active, the receive queue on a passive."""
 from __future__ import annotations
 
 import random
@@ -7,42 +7,61 @@ from pathlib import Path
 
 import pytest
 
-from engine.state import INSERT_JOURNAL, State, journal_backlog
+from engine.state import INSERT_JOURNAL, INSERT_RECVQ, State, journal_backlog
+
+QUEUES = {  # table: (its key, how a record is appended)
+    "journal": ("seq", lambda db, size, ts: db.execute(INSERT_JOURNAL, ("data", "{}", b"", size, ts))),
+    "recvq": ("id", lambda db, size, ts: db.execute(INSERT_RECVQ, (None, "data", "{}", b"", size, ts))),
+}
 
 
-def _scan(db: sqlite3.Connection, seq: int) -> tuple[int, int, float | None]:
+def _after(state: State, table: str, key: int) -> tuple[int, int, float | None]:
+    if table == "journal":
+        return journal_backlog(state.db, key)
+    assert key == 0  # the receive queue is read whole: its applied records are deleted
+    return state.recvq_stats()
+
+
+def _summed(db: sqlite3.Connection, table: str, key: int) -> tuple[int, int, float | None]:
     """The backlog summed over every row, as it was read before `upto` was kept."""
-    n, size, ts = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(ts) FROM journal WHERE seq > ?",
-                             (seq,)).fetchone()
+    column = QUEUES[table][0]
+    n, size, ts = db.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(ts) FROM {table} WHERE {column} > ?",
+                             (key,)).fetchone()
     return n, size, ts
 
 
-@pytest.mark.parametrize("seed", range(10))
-def test_the_backlog_read_from_two_rows_equals_the_sum_over_all_of_them(tmp_path: Path, seed: int) -> None:
+@pytest.mark.parametrize("table", QUEUES)
+@pytest.mark.parametrize("seed", range(6))
+def test_the_backlog_read_from_two_rows_equals_the_sum_over_all_of_them(tmp_path: Path, table: str, seed: int) -> None:
     rng = random.Random(seed)
-    db = State(tmp_path / "state").db
+    state = State(tmp_path / "state")
+    db = state.db
+    column, append = QUEUES[table]
     ts = 0.0
     for _ in range(40):
         if rng.random() < 0.7:
             db.execute("BEGIN IMMEDIATE")
             for _ in range(rng.randint(1, 30)):
                 ts += rng.random()
-                db.execute(INSERT_JOURNAL, ("data", "{}", b"", rng.randint(64, 1 << 20), ts))
+                append(db, rng.randint(64, 1 << 20), ts)
             db.execute("ROLLBACK" if rng.random() < 0.2 else "COMMIT")  # a group that failed
         else:
-            head = db.execute("SELECT COALESCE(MAX(seq), 0) FROM journal").fetchone()[0]
-            db.execute("DELETE FROM journal WHERE seq <= ?", (rng.randint(0, head),))  # truncated up to a passive
-        head = db.execute("SELECT COALESCE(MAX(seq), 0) FROM journal").fetchone()[0]
-        low = db.execute("SELECT COALESCE(MIN(seq), 1) FROM journal").fetchone()[0] - 1
-        for seq in range(low, head + 2):
-            assert journal_backlog(db, seq) == _scan(db, seq), (seq, low, head)
+            head = db.execute(f"SELECT COALESCE(MAX({column}), 0) FROM {table}").fetchone()[0]
+            db.execute(f"DELETE FROM {table} WHERE {column} <= ?", (rng.randint(0, head),))  # truncated, or applied
+        head = db.execute(f"SELECT COALESCE(MAX({column}), 0) FROM {table}").fetchone()[0]
+        low = db.execute(f"SELECT COALESCE(MIN({column}), 1) FROM {table}").fetchone()[0] - 1
+        for key in (range(low, head + 2) if table == "journal" else [0]):
+            assert _after(state, table, key) == _summed(db, table, key), (key, low, head)
 
 
-def test_records_of_a_version_that_kept_no_running_total_are_summed(tmp_path: Path) -> None:
-    db = State(tmp_path / "state").db
-    db.executemany("INSERT INTO journal(op, meta, data, size, ts) VALUES('data', '{}', x'', ?, ?)",
-                   [(100, 1.0), (200, 2.0)])  # as an older version wrote them
-    db.execute(INSERT_JOURNAL, ("data", "{}", b"", 300, 3.0))
-    assert journal_backlog(db, 0) == (3, 600, 1.0)
-    assert journal_backlog(db, 2) == (1, 300, 3.0)
-    assert journal_backlog(db, 3) == (0, 0, None)
+@pytest.mark.parametrize("table", QUEUES)
+def test_records_of_a_version_that_kept_no_running_total_are_summed(tmp_path: Path, table: str) -> None:
+    state = State(tmp_path / "state")
+    column, append = QUEUES[table]
+    state.db.executemany(f"INSERT INTO {table}(op, meta, data, size, ts) VALUES('data', '{{}}', x'', ?, ?)",
+                         [(100, 1.0), (200, 2.0)])  # as an older version wrote them
+    append(state.db, 300, 3.0)
+    assert _after(state, table, 0) == (3, 600, 1.0)
+    if table == "journal":
+        assert journal_backlog(state.db, 2) == (1, 300, 3.0)
+        assert journal_backlog(state.db, 3) == (0, 0, None)
