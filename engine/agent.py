@@ -279,8 +279,9 @@ class Agent:
             except (OSError, sqlite3.Error) as exc:
                 log.warning("last rescan before keeping the divergence failed: %s", exc)
         for node, p in self.progress.items():  # the latest acks, not only the last persisted ones
-            self.state.db.execute("UPDATE peers SET acked_applied=MAX(acked_applied, ?) WHERE node=?",
-                                  (p.acked_applied, node))
+            with self.state.urgent_write():
+                self.state.db.execute("UPDATE peers SET acked_applied=MAX(acked_applied, ?) WHERE node=?",
+                                      (p.acked_applied, node))
         # The new active says exactly where it forked from our journal; acks persisted before a
         # crash may be older than what it had applied, and would keep writes it already has.
         mine = self.state.get("journal_id")
@@ -389,7 +390,7 @@ class Agent:
         self.watcher = Watcher(self.node.root, self.cluster.protected)
         startup = await asyncio.to_thread(self.watcher.start)
         self.journaler = Journaler(self.state.connect(), self.node.root, self.cluster.protected,
-                                   self.cluster.replication)
+                                   self.cluster.replication, between_groups=self.state.let_urgent_writes_pass)
         # Changes made while the agent was down: a rescan against what was shipped.
         self._on_changes(startup)  # subtrees that could not be watched
         if self.state.get_int("needs_baseline"):

@@ -20,7 +20,7 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,8 +66,9 @@ class Journaler:
     """Appends records for changes; used only from one worker thread at a time."""
 
     def __init__(self, db: sqlite3.Connection, root: Path, trees: Sequence["ProtectedTree"],
-                 settings: "ReplicationSettings") -> None:
+                 settings: "ReplicationSettings", *, between_groups: Callable[[], None] = lambda: None) -> None:
         self.db = db
+        self.between_groups = between_groups  # with no transaction open (`State.let_urgent_writes_pass`)
         self.root = root
         self.trees = tuple(trees)
         self.block_size = settings.block_size
@@ -213,7 +214,7 @@ class Journaler:
         then a changed file is shipped whole, except where the table already holds hashes for
         the same size and mtime: a promoted passive kept them for what it applied (`engine.held`).
         """
-        # Short transactions: the agent's loop writes events to the same database.
+        # Short transactions: the agent's loop and its upkeep write to the same database.
         db = self.db
         db.execute("CREATE TEMP TABLE IF NOT EXISTS baseline_seen(path TEXT PRIMARY KEY)")
         db.execute("DELETE FROM baseline_seen")
@@ -228,6 +229,7 @@ class Journaler:
                     n += 1
                     if n % 256 == 0 and time.monotonic() - opened > GROUP_SECONDS:
                         db.execute("COMMIT")
+                        self.between_groups()
                         db.execute("BEGIN IMMEDIATE")
                         opened = time.monotonic()
             db.execute("DELETE FROM shipped WHERE path NOT IN (SELECT path FROM baseline_seen)")
@@ -356,6 +358,7 @@ class Journaler:
 
     # -- storage ----------------------------------------------------------------------
     def _begin(self) -> None:
+        self.between_groups()
         self.db.execute("BEGIN IMMEDIATE")
         self._count, self._pending_bytes, self._opened = 0, 0, time.monotonic()
 
@@ -363,6 +366,7 @@ class Journaler:
         """Append one change's records; commit the group first if it has grown large."""
         if self._pending_bytes > GROUP_BYTES or time.monotonic() - self._opened > GROUP_SECONDS:
             self.db.execute("COMMIT")
+            self.between_groups()
             self._begin_keep_count()
         n = 0
         now = time.time()

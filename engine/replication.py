@@ -259,7 +259,7 @@ class Sender:
                 dirty |= self.state.journal_paths_after(start, upto=head)
                 paths = sorted(x for x in dirty if not has_ancestor_in(x, dirty))
                 await self.sync(paths, head, reason="dirty-path resync")
-            self.db.execute("DELETE FROM dirty WHERE node=?", (p.node,))
+            await asyncio.to_thread(self.db.execute, "DELETE FROM dirty WHERE node=?", (p.node,))
             p.dirty_paths = 0
             start = head
         await self.stream(start)

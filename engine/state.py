@@ -11,6 +11,8 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,8 @@ class State:
         self._events.execute("PRAGMA synchronous=NORMAL")
         self._events.executescript(EVENTS_SCHEMA)
         self._events_lock = threading.Lock()  # written from the loop and from the apply thread
+        self._urgent = threading.Condition()
+        self._urgent_count = 0
 
     def connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
@@ -109,7 +113,7 @@ class State:
         return int(value) if value is not None else default
 
     def put(self, **values: object) -> None:
-        with self.db:
+        with self.urgent_write(), self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany(
                 "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
@@ -118,6 +122,30 @@ class State:
         for k, v in values.items():
             if k in self.CACHED:
                 self._cache[k] = str(v)
+
+    # -- writers ----------------------------------------------------------------------
+    @contextmanager
+    def urgent_write(self) -> Iterator[None]:
+        """Around a write the event loop cannot put off (a role or epoch change, as the node
+        steps down): bulk writers pause between their groups until it is done.
+
+        SQLite's busy wait rarely finds the gap between two of the journaler's groups, which
+        follow each other as long as writes keep coming: a step-down would wait for the burst
+        to end, with the public identity still held. Now it waits for one group at most.
+        """
+        with self._urgent:
+            self._urgent_count += 1
+        try:
+            yield
+        finally:
+            with self._urgent:
+                self._urgent_count -= 1
+                self._urgent.notify_all()
+
+    def let_urgent_writes_pass(self, timeout: float = 5.0) -> None:
+        """Called by a bulk writer between groups, with no transaction open."""
+        with self._urgent:
+            self._urgent.wait_for(lambda: not self._urgent_count, timeout)
 
     # -- events -----------------------------------------------------------------------
     def event(self, level: str, kind: str, message: str, **data: object) -> None:

@@ -13,13 +13,14 @@ import os
 import random
 import shutil
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import require_root
+from conftest import require_root, wait_for
 from engine.apply import Applier
 from engine.blocks import INLINE_BYTES, changed_blocks, hash_bytes, hash_file, read_ranges
 from engine.capture import Change
@@ -1372,3 +1373,26 @@ def test_a_malformed_owner_is_refused_naming_the_field(nodes, owner: object) -> 
     with pytest.raises(ProtocolError, match=r"entry\.uid: expected an integer"):
         Entry.from_json({"path": "srv/data/a", "kind": "file", "mode": 0o644, "uid": "0"})
     assert not (secondary / "srv/data/a").exists()
+
+
+def test_a_role_change_written_during_a_burst_waits_for_one_journal_group_not_the_burst(nodes, tmp_path: Path) -> None:
+    """The journaler's groups follow each other as long as changes come; SQLite's busy wait
+    rarely finds the gap between two. An urgent write (a step-down's role and epoch) makes the
+    journaler pause at its next group's end, so the write lands while the burst goes on."""
+    primary = nodes[0]
+    state = State(tmp_path / "state")
+    journaler = Journaler(state.connect(), primary, TREES[:1], ReplicationSettings(block_size=BS),
+                          between_groups=state.let_urgent_writes_pass)
+    for i in range(30_000):
+        write(primary / f"srv/data/d{i // 500:02d}/f{i:05d}", b"x")
+    changes = [Change("examine", f"srv/data/d{i // 500:02d}/f{i:05d}") for i in range(30_000)]
+    burst = threading.Thread(target=journaler.process, args=(changes,))
+    burst.start()
+    try:
+        wait_for(lambda: state.journal_head() > 0, 30, "the burst to commit its first group")
+        state.put(role="passive", epoch=7)
+        journaled = state.connect().execute("SELECT COUNT(*) FROM journal").fetchone()[0]
+    finally:
+        burst.join()
+    assert state.get("epoch") == "7"
+    assert journaled < 20_000, journaled  # two thirds of the burst was still to come
