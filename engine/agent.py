@@ -691,6 +691,7 @@ class Agent:
                     "send_queue_records": n, "send_queue_bytes": size,
                     "lag_seconds": round(max(0.0, now - oldest_unapplied), 3) if oldest_unapplied else 0.0,
                     "acked_applied": p.acked_applied, "syncing": p.syncing,
+                    "sync": p.sync.to_json() if p.sync is not None else None,
                     "dirty_paths": p.dirty_paths,
                 }
             view["peers"] = peers
@@ -735,6 +736,7 @@ class Agent:
                 ap = active_peers[spec.id]
                 entry.update({k: ap[k] for k in ("send_queue_records", "send_queue_bytes", "lag_seconds")})
                 entry["syncing"] = ap.get("syncing", False)
+                entry["sync"] = ap.get("sync")
                 entry["dirty_paths"] = ap.get("dirty_paths", 0)
             nodes.append(entry)
         return {"cluster": self.cluster.name, "answered_by": self.node.id, "role": self.role,

@@ -217,7 +217,55 @@ class PeerProgress:
     syncing: bool = False
     source: str | None = None  # the journal the passive last applied a level record of
     dirty_paths: int = 0  # in its dirty list: counted when it changes, not on every status
+    sync: "SyncProgress | None" = None  # while a sync or resync runs
     ack_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+#: The kinds of difference whose repair ships file data: the file's size bounds how much.
+_DATA_KINDS = frozenset({"missing", "type", "content"})
+
+
+@dataclass
+class SyncProgress:
+    """How far a sync or a dirty-path resync of one passive has come, and when it should end:
+    after an outage the operator waits on it, and status says how long (DESIGN.md).
+
+    The paths go in groups (`manifest_groups`); each group's share of the work is the file data
+    shipped against the sizes of the files its differences name, an upper bound for a delta,
+    so a group of deltas finishes early rather than late.
+    """
+
+    reason: str
+    paths: int
+    started: float = field(default_factory=time.monotonic)
+    done_paths: int = 0   # of groups compared and shipped
+    group_paths: int = 0  # in the group being shipped
+    group_bytes: int = 0  # of the files its differences name
+    group_sent: int = 0   # of file data shipped for it so far
+    sent: int = 0         # of file data shipped in all
+
+    def start_group(self, paths: int, differences: list[Difference]) -> None:
+        self.group_paths, self.group_sent = paths, 0
+        self.group_bytes = sum(d.active.size for d in differences if d.kind in _DATA_KINDS and d.active is not None)
+
+    def shipped(self, nbytes: int) -> None:
+        self.group_sent += nbytes
+        self.sent += nbytes
+
+    def end_group(self) -> None:
+        self.done_paths += self.group_paths
+        self.group_paths = self.group_bytes = self.group_sent = 0
+
+    def fraction(self) -> float:
+        share = min(1.0, self.group_sent / self.group_bytes) if self.group_bytes else 0.0
+        return min(1.0, (self.done_paths + self.group_paths * share) / self.paths) if self.paths else 1.0
+
+    def to_json(self, now: float | None = None) -> dict[str, Any]:
+        done = self.fraction()
+        elapsed = (time.monotonic() if now is None else now) - self.started
+        return {"reason": self.reason, "paths": self.paths, "paths_done": self.done_paths,
+                "bytes_sent": self.sent, "percent": round(100 * done, 1),
+                "eta_seconds": round(elapsed * (1 - done) / done, 1) if done > 0 else None}
 
 
 class Sender:
@@ -294,7 +342,7 @@ class Sender:
         """Bring the passive level for these subtrees (none the ancestor of another), then mark
         it level at journal `head`."""
         p = self.progress
-        p.syncing, p.source = True, None
+        p.syncing, p.source, p.sync = True, None, SyncProgress(reason, len(paths))
         self.on_event("info", "sync_started", f"{reason} of {p.node}: {len(paths)} path(s), journal at {head}")
         t0 = time.monotonic()
         total: list[Difference] = []
@@ -304,7 +352,9 @@ class Sender:
             for group in self._groups(paths):
                 differences = await self._compare(group, trust_journal=True)
                 total.extend(differences)
+                p.sync.start_group(len(group), differences)
                 hashed.extend(await self.ship_repairs(differences))
+                p.sync.end_group()
             await self._send([(None, "level", {"journal_id": self.journal_id, "head": head}, b"", time.time())])
             # The hashes read on the way are kept while the passive finishes applying, and the
             # passive counts as level once it has, whether or not they are written yet: for
@@ -314,7 +364,7 @@ class Sender:
                 p.ack_event.clear()
                 await p.ack_event.wait()
         finally:
-            p.syncing = False
+            p.syncing, p.sync = False, None
             if keeping is not None:
                 await keeping  # streaming, which uses the same connection, starts after
         self.on_event("info", "sync_done",
@@ -397,6 +447,8 @@ class Sender:
                 reading = asyncio.ensure_future(asyncio.to_thread(_take, gen, self.batch_bytes))  # read meanwhile
                 now = time.time()
                 await self._send([(None, op, meta, data, now) for op, meta, data in batch])
+                if self.progress.sync is not None:
+                    self.progress.sync.shipped(sum(len(data) for _, _, data in batch))
         finally:
             if not reading.done():
                 reading.cancel()

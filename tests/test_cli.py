@@ -106,3 +106,12 @@ def test_demo_counts_an_agent_started_by_hand_as_running(tmp_path: Path) -> None
             by_hand.kill()
             by_hand.wait()
         nf("demo", "down", "--workdir", str(tmp_path), check=False)
+
+
+def test_status_says_how_far_a_sync_has_come_and_how_long_it_has_left() -> None:
+    from nftui.commands.status import _progress
+
+    assert _progress({"percent": 42.04, "eta_seconds": 65.2}) == " 42%, 1m05s left"
+    assert _progress({"percent": 97.0, "eta_seconds": 3.4}) == " 97%, 3s left"
+    assert _progress({"percent": 0.0, "eta_seconds": None}) == " 0%"
+    assert _progress(None) == ""

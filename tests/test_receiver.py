@@ -236,3 +236,30 @@ def test_more_hashes_are_taken_only_right_after_their_file(items: list[Any]) -> 
         waiter.on_message(Message("manifest", 1, {"id": rid}, json.dumps(items).encode()))
     with pytest.raises(ProtocolError, match="manifest.more: expected"):
         asyncio.run(go())
+
+
+def test_a_syncs_progress_counts_groups_of_paths_and_the_file_data_shipped_for_the_current_one() -> None:
+    from engine.manifest import Entry
+    from engine.replication import SyncProgress
+    from engine.sync import Difference
+
+    def file(path: str, size: int, kind: str = "missing") -> Difference:
+        return Difference(path, kind, Entry(path, "file", 0o644, size), None)
+
+    p = SyncProgress("dirty-path resync", paths=4, started=100.0)
+    assert p.to_json(now=101.0) == {"reason": "dirty-path resync", "paths": 4, "paths_done": 0, "bytes_sent": 0,
+                                    "percent": 0.0, "eta_seconds": None}
+    # Two paths in the first group: 1,000 bytes to send; a mode change and a delete ship none.
+    p.start_group(2, [file("a", 600), file("b", 400, "content"), file("c", 50, "mode"),
+                      Difference("d", "extra", None, Entry("d", "file", 0o644, 9))])
+    p.shipped(500)
+    assert p.to_json(now=110.0)["percent"] == 25.0  # half of half the paths
+    assert p.to_json(now=110.0)["eta_seconds"] == 30.0  # 10 s for a quarter
+    p.shipped(700)  # a delta may ship less than the file, never more than the bound counts
+    p.end_group()
+    assert p.to_json(now=120.0) == {"reason": "dirty-path resync", "paths": 4, "paths_done": 2,
+                                    "bytes_sent": 1200, "percent": 50.0, "eta_seconds": 20.0}
+    p.start_group(2, [])  # directories only: done once shipped
+    assert p.fraction() == 0.5
+    p.end_group()
+    assert p.to_json(now=130.0)["percent"] == 100.0 and p.to_json(now=130.0)["eta_seconds"] == 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import hashlib
 from pathlib import Path
@@ -262,6 +263,41 @@ def test_hundreds_of_files_with_paths_of_thousands_of_characters_replicate(demo:
         (deep / f"after-{i:03d}").write_text(f"{i}\n")
     demo.wait_equal(120, nodes=("secondary",))
     assert len(list(demo.data("secondary").rglob("after-*"))) == 600
+
+
+def test_status_shows_how_far_a_sync_has_come_and_how_long_it_has_left(demo: Demo) -> None:
+    """The passive is stopped (SIGSTOP) in the middle of its initial sync, so the sync stands
+    still where status can read it."""
+    from engine.client import request
+    from engine.config import load_cluster, load_node
+
+    demo.up(nodes=2)
+    demo.kill("secondary")
+    shutil.rmtree(demo.workdir / "secondary" / "state")  # a passive with no state: an initial sync
+    d = demo.data("primary")
+    for i in range(8):
+        (d / f"big-{i}").write_bytes(os.urandom(64 << 20))
+    socket = load_node(demo.workdir / "primary" / "node.toml", load_cluster(demo.config)).socket
+
+    def sync_seen() -> dict | None:
+        peer = next(n for n in request(socket, "status")["nodes"] if n["id"] == "secondary")
+        return peer["sync"] if peer.get("sync") and peer["sync"]["bytes_sent"] > 0 else None
+
+    demo.start("secondary")
+    wait_for(sync_seen, 60, "the initial sync to ship its first data", interval=0.005)
+    pid = int((demo.workdir / "secondary" / "agent.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        first = wait_for(sync_seen, 30, "status while the passive is stopped")
+        assert first["reason"] == "initial sync" and first["paths"] == 1
+        assert 0 < first["percent"] < 100 and first["eta_seconds"] > 0, first
+        shown = nf("status", "--config", str(demo.config)).stdout
+        assert re.search(r"syncing \d+%", shown), shown  # and the time left, where the terminal is wide enough
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    demo.wait_equal(120, nodes=("secondary",))
+    wait_for(lambda: next(n for n in request(socket, "status")["nodes"] if n["id"] == "secondary")["sync"] is None,
+             30, "status to show the sync ended")
 
 
 def test_status_json_while_a_passive_is_down(demo: Demo) -> None:

@@ -46,7 +46,7 @@ def render(doc: dict[str, Any]) -> Table:
         style = "bold green" if role == "active" else "cyan" if role == "passive" else "red"
         state = "[green]yes[/]" if n["connected"] else "[red]no[/]"
         if n.get("syncing"):
-            state += " [yellow]syncing[/]"
+            state += " [yellow]syncing" + _progress(n.get("sync")) + "[/]"
         table.add_row(
             n["id"], f"[{style}]{role}[/]", state,
             _queue(n["send_queue_records"], n["send_queue_bytes"]),
@@ -54,6 +54,17 @@ def render(doc: dict[str, Any]) -> Table:
             str(n["applied_seq"]), f"{n['lag_seconds']:.2f} s", n.get("last_error") or "",
         )
     return table
+
+
+def _progress(sync: dict[str, Any] | None) -> str:
+    """A sync's progress as " 42%, 1m05s left" (nothing while it has none)."""
+    if not sync:
+        return ""
+    eta = sync.get("eta_seconds")
+    if eta is None:
+        return f" {sync['percent']:.0f}%"
+    minutes, seconds = divmod(round(eta), 60)
+    return f" {sync['percent']:.0f}%, {f'{minutes}m{seconds:02d}s' if minutes else f'{seconds}s'} left"
 
 
 def _queue(records: int, size: int) -> str:
