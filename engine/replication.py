@@ -214,11 +214,14 @@ class PeerProgress:
     acked_received: int = 0
     acked_applied: int = 0
     journal_id: str | None = None
-    syncing: bool = False
     source: str | None = None  # the journal the passive last applied a level record of
     dirty_paths: int = 0  # in its dirty list: counted when it changes, not on every status
     sync: "SyncProgress | None" = None  # while a sync or resync runs
     ack_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def syncing(self) -> bool:
+        return self.sync is not None
 
 
 #: The kinds of difference whose repair ships file data: the file's size bounds how much.
@@ -342,7 +345,7 @@ class Sender:
         """Bring the passive level for these subtrees (none the ancestor of another), then mark
         it level at journal `head`."""
         p = self.progress
-        p.syncing, p.source, p.sync = True, None, SyncProgress(reason, len(paths))
+        p.source, p.sync = None, SyncProgress(reason, len(paths))
         self.on_event("info", "sync_started", f"{reason} of {p.node}: {len(paths)} path(s), journal at {head}")
         t0 = time.monotonic()
         total: list[Difference] = []
@@ -364,7 +367,7 @@ class Sender:
                 p.ack_event.clear()
                 await p.ack_event.wait()
         finally:
-            p.syncing, p.sync = False, None
+            p.sync = None
             if keeping is not None:
                 await keeping  # streaming, which uses the same connection, starts after
         self.on_event("info", "sync_done",

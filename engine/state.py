@@ -130,8 +130,8 @@ class State:
         steps down): bulk writers pause between their groups until it is done.
 
         SQLite's busy wait rarely finds the gap between two of the journaler's groups, which
-        follow each other as long as writes keep coming: a step-down would wait for the burst
-        to end, with the public identity still held. Now it waits for one group at most.
+        follow each other as long as writes keep coming: left to it, a step-down would wait for
+        the burst to end with the public identity still held, where this waits for one group.
         """
         with self._urgent:
             self._urgent_count += 1
