@@ -278,10 +278,9 @@ class Agent:
                 await asyncio.to_thread(journaler.process, changes)
             except (OSError, sqlite3.Error) as exc:
                 log.warning("last rescan before keeping the divergence failed: %s", exc)
-        for node, p in self.progress.items():  # the latest acks, not only the last persisted ones
-            with self.state.urgent_write():
-                self.state.db.execute("UPDATE peers SET acked_applied=MAX(acked_applied, ?) WHERE node=?",
-                                      (p.acked_applied, node))
+        with self.state.urgent_write():  # the latest acks, not only the last persisted ones
+            self.state.db.executemany("UPDATE peers SET acked_applied=MAX(acked_applied, ?) WHERE node=?",
+                                      [(p.acked_applied, node) for node, p in self.progress.items()])
         # The new active says exactly where it forked from our journal; acks persisted before a
         # crash may be older than what it had applied, and would keep writes it already has.
         mine = self.state.get("journal_id")

@@ -387,7 +387,7 @@ class Journaler:
 
     def _ship(self, e: Entry) -> None:
         if e.kind != "dir":  # it replaces a directory, if one was there, with all below it
-            self.db.execute("DELETE FROM shipped WHERE path >= ? AND path < ?", _under(e.path)[1:])
+            forget_shipped(self.db, e.path)
         put_shipped(self.db, e)
 
     def _behind_non_dir(self, path: str) -> bool:
@@ -408,7 +408,6 @@ class Journaler:
 
     def _shipped(self, path: str) -> Entry | None:
         return shipped_entry(self.db, path)
-
 
 
 def shipped_entry(db: sqlite3.Connection, path: str) -> Entry | None:

@@ -25,7 +25,17 @@ from engine.paths import STAGE_NAME, check_rel_path, local_files_below, local_ma
 if TYPE_CHECKING:
     from engine.config import ProtectedTree
 
-__all__ = ["Entry", "KINDS", "scan_tree", "same", "split_identity_dirs"]
+__all__ = ["Entry", "KINDS", "digests_from_hex", "scan_tree", "same", "split_identity_dirs"]
+
+def digests_from_hex(raw: object, field: str) -> bytes:
+    """Block digests sent by a peer in hex; a ProtocolError naming `field` if they are not."""
+    if not isinstance(raw, str) or len(raw) % (2 * DIGEST_SIZE):
+        raise ProtocolError(f"{field}: expected hex digits in groups of {2 * DIGEST_SIZE}")
+    try:
+        return bytes.fromhex(raw)
+    except ValueError:
+        raise ProtocolError(f"{field}: expected hex digits") from None
+
 
 KINDS = ("file", "dir", "symlink")
 MAX_ID = (1 << 32) - 2  # the largest uid or gid (2**32 - 1 means "unchanged" to chown)
@@ -89,14 +99,7 @@ class Entry(NamedTuple):
         elif target is not None:
             raise ProtocolError(f"entry.target: expected null for a {kind}")
         raw = d.get("hashes")
-        hashes: bytes | None = None
-        if raw is not None:
-            if not isinstance(raw, str) or len(raw) % (2 * DIGEST_SIZE):
-                raise ProtocolError(f"entry.hashes: expected hex digits in groups of {2 * DIGEST_SIZE}")
-            try:
-                hashes = bytes.fromhex(raw)
-            except ValueError:
-                raise ProtocolError("entry.hashes: expected hex digits") from None
+        hashes = None if raw is None else digests_from_hex(raw, "entry.hashes")
         uid = _int(d, "uid", -1, MAX_ID, default=-1)
         gid = _int(d, "gid", -1, MAX_ID, default=-1)
         return cls(path, kind, mode, size, mtime_ns, target, hashes, uid, gid)

@@ -27,7 +27,7 @@ from engine.errors import FrameTooLarge, NfError, PathError, ProtocolError
 from engine.flush import EarlyFlush, syncfs
 from engine.held import Held
 from engine.journaler import fill_hashes, shipped_entry, shipped_under
-from engine.manifest import Entry, scan_tree, split_identity_dirs
+from engine.manifest import Entry, digests_from_hex, scan_tree, split_identity_dirs
 from engine.paths import check_rel_path, has_ancestor_in, tree_of
 from engine.protocol import Message
 from engine.state import INSERT_RECVQ, State, read_journal
@@ -154,7 +154,7 @@ class _Collecting:
                 last = into[-1] if into is self.listed and into else None
                 if last is None or last.hashes is None or item.get("path") != last.path:
                     raise ProtocolError("manifest.more: expected right after the file entry of the same path")
-                self.more.setdefault(len(into) - 1, []).append(_hex_digests(item["more"]))
+                self.more.setdefault(len(into) - 1, []).append(digests_from_hex(item["more"], "manifest.more"))
             else:
                 into.append(Entry.from_json(item))
 
@@ -163,15 +163,6 @@ class _Collecting:
             e = self.listed[i]
             self.listed[i] = e._replace(hashes=b"".join([e.hashes or b"", *parts]))
         return self.listed, self.kept
-
-
-def _hex_digests(raw: object) -> bytes:
-    if isinstance(raw, str) and raw and not len(raw) % (2 * DIGEST_SIZE):
-        try:
-            return bytes.fromhex(raw)
-        except ValueError:
-            pass
-    raise ProtocolError(f"manifest.more: expected hex digits in groups of {2 * DIGEST_SIZE}")
 
 
 def manifest_payloads(entries: list[Entry], budget: int, *, split: bool) -> Iterator[bytes]:

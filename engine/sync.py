@@ -107,42 +107,39 @@ def repair_records(root: Path, differences: list[Difference], *, trees: Iterable
     `on_hashed` receives the entry of every file hashed on the way (with its digests), so the
     caller can keep them. Files further down the list are announced to the kernel ahead of
     time: on a cold cache many small reads in flight beat one at a time. Small new files go
-    `GROUP_FILES` (and at most `chunk` bytes) to a "files" record, or with `grouped` False (a passive of an older version,
-    which does not know that op) one to a "file" record each. Files are opened with no symlink
+    `GROUP_FILES` (and at most `chunk` bytes) to a "files" record, or with `grouped` False (a
+    passive of an older version, which does not know that op) one to a "file" record each. Files are opened with no symlink
     on the way (`engine.paths.Beneath`) in the protected `trees`.
     """
     beneath = Beneath(Path(root), trees)
     ahead = _Prefetch(beneath, differences)
-    files: list[list[Any]] = []  # small new files read, not yet yielded: [path, size, mode, mtime_ns]
-    owners: list[list[int]] = []  # theirs, [uid, gid] (in a list of its own: a passive of an
-    contents: list[bytes] = []    # older version reads only the four values above)
-    held = 0  # bytes in contents
+    group: list[Record] = []  # small new files read, not yet yielded: a one-file "files" record each
     try:
         for i, d in enumerate(differences):
             ahead.advance(i)
             for record in _records(beneath, d, ahead.take(i), block_size, chunk, on_hashed):
                 if record[0] == "files" and not grouped:
                     record = _one_file(record)
+                if group and (record[0] != "files" or len(group) == GROUP_FILES
+                              or sum(len(r[2]) for r in group) + len(record[2]) > chunk):
+                    yield _joined(group)
+                    group = []
                 if record[0] == "files":
-                    if files and held + len(record[2]) > chunk:
-                        yield "files", {"files": files, "owners": owners}, b"".join(contents)
-                        files, owners, contents, held = [], [], [], 0
-                    files += record[1]["files"]
-                    owners += record[1]["owners"]
-                    contents.append(record[2])
-                    held += len(record[2])
-                    if len(files) < GROUP_FILES:
-                        continue
-                if files:
-                    yield "files", {"files": files, "owners": owners}, b"".join(contents)
-                    files, owners, contents, held = [], [], [], 0
-                if record[0] != "files":
+                    group.append(record)
+                else:
                     yield record
-        if files:
-            yield "files", {"files": files, "owners": owners}, b"".join(contents)
+        if group:
+            yield _joined(group)
     finally:
         ahead.close()
         beneath.close()
+
+
+def _joined(group: list[Record]) -> Record:
+    """One-file "files" records as one. The owners go in a list of their own: a passive of an
+    older version reads only the four values of each file."""
+    return ("files", {"files": [r[1]["files"][0] for r in group], "owners": [r[1]["owners"][0] for r in group]},
+            b"".join(r[2] for r in group))
 
 
 def _one_file(record: Record) -> Record:
