@@ -319,8 +319,9 @@ class Agent:
             delay = next_run - time.monotonic()
             if delay > 0:
                 try:
-                    await asyncio.wait_for(self.ha_wake.wait(), delay)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(delay):  # never wait_for: see Applications._run
+                        await self.ha_wake.wait()
+                except TimeoutError:
                     pass
             self.ha_wake.clear()
             next_run = max(next_run + interval, time.monotonic())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -32,12 +33,13 @@ class Applications:
     async def start_all(self) -> None:
         self.failed.clear()
         for app in self.apps:
+            self.running.append(app.name)  # a start cut short by the role's end is stopped all the same
             ok, detail = await self._run(app, app.start)
             if ok:
-                self.running.append(app.name)
                 self.restarts[app.name] = 0
                 self.on_event("info", "application_started", f"started {app.name}")
             else:
+                self.running.remove(app.name)
                 self.on_event("error", "application_failed", f"could not start {app.name}: {detail}")
 
     async def stop_all(self) -> None:
@@ -78,17 +80,39 @@ class Applications:
                 await give_up(app, detail)
 
     async def _run(self, app: "Application", command: str) -> tuple[bool, str]:
+        """Run one command in a session of its own, bounded by the application's timeout.
+
+        `asyncio.timeout`, not `wait_for`: on Python 3.11 `wait_for` returns the result of a
+        command that finished at the moment its task was cancelled and drops the cancellation,
+        so a monitor check that ended as the role ended kept the monitor running forever, and
+        the step-down that waited for it never released the public identity.
+        """
         env = dict(self.env, NF_APPLICATION=app.name)
         proc = await asyncio.create_subprocess_shell(command, env=env, stdin=asyncio.subprocess.DEVNULL,
                                                      stdout=asyncio.subprocess.DEVNULL,
                                                      stderr=asyncio.subprocess.PIPE, start_new_session=True)
         try:
-            _, err = await asyncio.wait_for(proc.communicate(), app.timeout)
-        except asyncio.TimeoutError:
-            proc.kill()
+            async with asyncio.timeout(app.timeout):
+                _, err = await proc.communicate()
+        except TimeoutError:
+            _kill_session(proc)
             await proc.wait()
             return False, f"timed out after {app.timeout:g} s"
+        except asyncio.CancelledError:
+            _kill_session(proc)  # a role that ends leaves no check or command of it running
+            raise
         if proc.returncode == 0:
             return True, ""
         tail = err.decode(errors="replace").strip().splitlines()[-1:] if err else []
         return False, f"exit {proc.returncode}" + (f": {tail[0]}" if tail else "")
+
+
+def _kill_session(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL the command and whatever it started (its session is its process group); once
+    the command is reaped its number may belong to someone else, so nothing is sent."""
+    if proc.returncode is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # already gone, with everything it started

@@ -143,7 +143,7 @@ class Channel:
         try:
             link = await self._secure(conn, server_side=True)
             await self._handshake(link)
-        except (ssl.SSLError, ChannelAuthError, ProtocolError, TimeoutError, asyncio.TimeoutError, ConnectionError,
+        except (ssl.SSLError, ChannelAuthError, ProtocolError, TimeoutError, ConnectionError,
                 OSError) as exc:
             self.on_refused(addr, _reason(exc))
             if link is not None:
@@ -169,7 +169,7 @@ class Channel:
             try:
                 link = await self._secure(sock, server_side=False)
                 await self._handshake(link, expect=peer)
-            except (OSError, ssl.SSLError, TimeoutError, asyncio.TimeoutError, ProtocolError, ChannelAuthError) as exc:
+            except (OSError, ssl.SSLError, TimeoutError, ProtocolError, ChannelAuthError) as exc:
                 log.debug("handshake with %s failed: %r", peer, exc)
                 if link is not None:
                     link.close()
@@ -203,7 +203,8 @@ class Channel:
             raise ChannelAuthError(f"dialled {expect} but the certificate names {node}")
         link.sent_hello = self.hello()
         await link.send("hello", link.sent_hello)
-        msg = await asyncio.wait_for(link.recv(), HANDSHAKE_TIMEOUT)
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+            msg = await link.recv()
         if msg.type != "hello":
             raise ProtocolError(f"expected hello, got {msg.type}")
         if msg.get("node", str) != node:
@@ -235,6 +236,6 @@ def _connect(host: str, port: int) -> socket.socket:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake failed ({exc.reason or exc})"
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+    if isinstance(exc, TimeoutError):
         return "handshake timed out"
     return str(exc) or type(exc).__name__

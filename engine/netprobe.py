@@ -57,9 +57,10 @@ async def probe_all(targets: tuple[Target, ...], timeout: float) -> dict[Target,
 async def _probe(target: Target, timeout: float) -> bool:
     try:
         if target.kind == "tcp":
-            return await asyncio.wait_for(_tcp(target), timeout)
+            async with asyncio.timeout(timeout):
+                return await _tcp(target)
         return await asyncio.to_thread(_icmp, target.host, timeout)
-    except (asyncio.TimeoutError, OSError):
+    except (TimeoutError, OSError):
         return False
 
 

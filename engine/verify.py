@@ -42,7 +42,7 @@ async def run_verify(agent: "Agent", *, repair: bool) -> dict[str, Any]:
                 entry["repaired"] = len(found) - len(left)
                 entry["remaining"] = [d.to_json() for d in left]
             nodes.append(entry)
-        except (NfError, ConnectionError, asyncio.TimeoutError) as exc:
+        except (NfError, ConnectionError, TimeoutError) as exc:
             nodes.append({"id": spec.id, "checked": False, "error": str(exc) or type(exc).__name__,
                           "differences": []})
     total = sum(len(n["differences"]) for n in nodes)
@@ -74,7 +74,7 @@ async def wait_applied(agent: "Agent", node: str, head: int) -> None:
     progress = agent.progress[node]
     while progress.acked_applied < head or progress.syncing:
         if time.monotonic() > deadline:
-            raise asyncio.TimeoutError(f"{node} did not apply up to {head} within {DRAIN_TIMEOUT:.0f} s")
+            raise TimeoutError(f"{node} did not apply up to {head} within {DRAIN_TIMEOUT:.0f} s")
         if node not in agent.senders:
             raise ConnectionError(f"channel to {node} closed")
         await asyncio.sleep(0.05)

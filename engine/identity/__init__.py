@@ -75,12 +75,14 @@ async def probe(cluster: str, addresses: tuple[str, ...], timeout: float = PROBE
     for address in addresses:
         host = _host(address)
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, RESPONDER_PORT), timeout)
-        except (OSError, asyncio.TimeoutError):
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(host, RESPONDER_PORT)
+        except (OSError, TimeoutError):
             continue
         try:
-            line = await asyncio.wait_for(reader.readline(), timeout)
-        except (OSError, asyncio.TimeoutError):
+            async with asyncio.timeout(timeout):
+                line = await reader.readline()
+        except (OSError, TimeoutError):
             continue
         finally:
             writer.close()
