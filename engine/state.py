@@ -51,6 +51,9 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL, message TEXT NOT NULL, data TEXT);
 """
 
+#: The newest events kept; older ones are dropped as new ones come (in steps of a tenth).
+EVENTS_KEPT = 10_000
+
 
 @dataclass(frozen=True)
 class JournalRecord:
@@ -89,6 +92,8 @@ class State:
         self._events.execute("PRAGMA synchronous=NORMAL")
         self._events.executescript(EVENTS_SCHEMA)
         self._events_lock = threading.Lock()  # written from the loop and from the apply thread
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='events'").fetchone():
+            self._adopt_events()
         self._urgent = threading.Condition()
         self._urgent_count = 0
 
@@ -150,10 +155,28 @@ class State:
     # -- events -----------------------------------------------------------------------
     def event(self, level: str, kind: str, message: str, **data: object) -> None:
         with self._events_lock:
-            self._events.execute(
+            added = self._events.execute(
                 "INSERT INTO events(ts, level, kind, message, data) VALUES(?,?,?,?,?)",
                 (time.time(), level, kind, message, json.dumps(data) if data else None),
-            )
+            ).lastrowid
+            if added and added % (EVENTS_KEPT // 10) == 0:
+                self._events.execute("DELETE FROM events WHERE id <= ?", (added - EVENTS_KEPT,))
+
+    def _adopt_events(self) -> None:
+        """Move the events that a version before events.db kept in state.db (the newest
+        EVENTS_KEPT), ahead of any events.db already holds. events.db's user_version marks the
+        move done, so one cut short by a crash before the old table is dropped is not repeated."""
+        if self._events.execute("PRAGMA user_version").fetchone()[0] < 1:
+            old = self.db.execute("SELECT ts, level, kind, message, data FROM events ORDER BY id DESC LIMIT ?",
+                                  (EVENTS_KEPT,)).fetchall()
+            self._events.execute("BEGIN")
+            newer = self._events.execute("SELECT ts, level, kind, message, data FROM events ORDER BY id").fetchall()
+            self._events.execute("DELETE FROM events")
+            self._events.executemany("INSERT INTO events(ts, level, kind, message, data) VALUES(?,?,?,?,?)",
+                                     old[::-1] + newer)
+            self._events.execute("PRAGMA user_version = 1")
+            self._events.execute("COMMIT")
+        self.db.execute("DROP TABLE events")
 
     def events(self, limit: int = 50) -> list[dict[str, Any]]:
         with self._events_lock:

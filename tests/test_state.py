@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.state import INSERT_JOURNAL, INSERT_RECVQ, State, journal_backlog
+from engine.state import EVENTS_KEPT, EVENTS_SCHEMA, INSERT_JOURNAL, INSERT_RECVQ, State, journal_backlog
 
 QUEUES = {  # table: (its key, how a record is appended)
     "journal": ("seq", lambda db, size, ts: db.execute(INSERT_JOURNAL, ("data", "{}", b"", size, ts))),
@@ -65,3 +65,44 @@ def test_records_of_a_version_that_kept_no_running_total_are_summed(tmp_path: Pa
     if table == "journal":
         assert journal_backlog(state.db, 2) == (1, 300, 3.0)
         assert journal_backlog(state.db, 3) == (0, 0, None)
+
+
+OLD_EVENTS = ("CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, level TEXT NOT NULL, "
+              "kind TEXT NOT NULL, message TEXT NOT NULL, data TEXT)")
+
+
+def test_events_of_a_version_that_kept_them_in_state_db_are_adopted_once(tmp_path: Path) -> None:
+    """Until 199ea93 events lived in state.db: a node upgraded past it keeps its history."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    old = sqlite3.connect(state_dir / "state.db")
+    old.execute(OLD_EVENTS)
+    old.executemany("INSERT INTO events(ts, level, kind, message, data) VALUES(?,?,?,?,?)",
+                    [(1.0, "info", "agent_started", "first", None),
+                     (2.0, "warning", "role_changed", "second", '{"epoch": 2}')])
+    old.commit()
+    old.close()
+    newer = sqlite3.connect(state_dir / "events.db")  # what the version that made events.db wrote
+    newer.executescript(EVENTS_SCHEMA)
+    newer.execute("INSERT INTO events(ts, level, kind, message) VALUES(3.0, 'info', 'link_up', 'third')")
+    newer.commit()
+    newer.close()
+
+    state = State(state_dir)
+    state.event("info", "agent_started", "fourth")
+    assert [(e["message"], e["data"]) for e in state.events()] == [("fourth", {}), ("third", {}),
+                                                                  ("second", {"epoch": 2}), ("first", {})]
+    assert state.db.execute("SELECT name FROM sqlite_master WHERE name='events'").fetchone() is None
+    state.db.execute(OLD_EVENTS)  # as if the agent had died after the move, before the drop
+    state.db.execute("INSERT INTO events(ts, level, kind, message) VALUES(1.0, 'info', 'agent_started', 'first')")
+    assert [e["message"] for e in State(state_dir).events()] == ["fourth", "third", "second", "first"]
+
+
+def test_the_newest_events_are_kept_and_the_oldest_dropped(tmp_path: Path) -> None:
+    state = State(tmp_path / "state")
+    for i in range(EVENTS_KEPT + 2_500):
+        state.event("info", "link_up", f"event {i}")
+    (count,) = state._events.execute("SELECT COUNT(*) FROM events").fetchone()
+    assert EVENTS_KEPT <= count < EVENTS_KEPT * 1.2
+    assert state.events(1)[0]["message"] == f"event {EVENTS_KEPT + 2_499}"
+    assert state.events(EVENTS_KEPT)[-1]["message"] == "event 2500"
