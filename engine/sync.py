@@ -114,6 +114,7 @@ def repair_records(root: Path, differences: list[Difference], *, trees: Iterable
     beneath = Beneath(Path(root), trees)
     ahead = _Prefetch(beneath, differences)
     group: list[Record] = []  # small new files read, not yet yielded: a one-file "files" record each
+    group_bytes = 0
     try:
         for i, d in enumerate(differences):
             ahead.advance(i)
@@ -121,11 +122,12 @@ def repair_records(root: Path, differences: list[Difference], *, trees: Iterable
                 if record[0] == "files" and not grouped:
                     record = _one_file(record)
                 if group and (record[0] != "files" or len(group) == GROUP_FILES
-                              or sum(len(r[2]) for r in group) + len(record[2]) > chunk):
+                              or group_bytes + len(record[2]) > chunk):
                     yield _joined(group)
-                    group = []
+                    group, group_bytes = [], 0
                 if record[0] == "files":
                     group.append(record)
+                    group_bytes += len(record[2])
                 else:
                     yield record
         if group:
