@@ -100,6 +100,7 @@ class Applications:
             return False, f"timed out after {app.timeout:g} s"
         except asyncio.CancelledError:
             _kill_session(proc)  # a role that ends leaves no check or command of it running
+            await proc.wait()  # reaped here: left to the transport's clean-up, asyncio logs "Unknown child process"
             raise
         if proc.returncode == 0:
             return True, ""
