@@ -12,15 +12,16 @@ What is measured, and why it is a fair comparison:
    file count/size check of both trees agrees; the passive's start-up until connected is shown.
    Baselines: `cp -a`, `rsync -a` local, and rsync over its daemon on loopback; and, as a
    reference for what encryption alone costs here, tar piped through one mutual-TLS connection on
-   loopback (socat) into tar. Three rounds (one with --quick), each in a rotated order, and each
-   tool's median is reported. The page cache is dropped before every run so everyone reads the
-   source from disk. nf flushes the replica (syncfs) before it counts the passive level; the
-   baselines do not, so their time is also shown with a trailing `sync` (ratios use the faster
-   figure without it, which is stricter on nf). No copy is deleted until the run ends: ext4
-   creates files slowly for minutes after many were deleted, which would handicap whoever ran
-   next (leave a few minutes between runs for the same reason). Each tool's CPU time (user and
-   system, all its processes: both nf agents; rsync's sender, receiver and daemon side) is shown
-   too: on a machine of two CPUs shared by both ends, CPU is what the wall times trade.
+   loopback (socat) into tar. Five rounds (one with --quick), each in an order rotated by one, so
+   that each tool runs once in each place; each tool's median is reported. The page cache is
+   dropped before every run so everyone reads the source from disk. nf flushes the replica (syncfs)
+   before it counts the passive level; the baselines do not, so their time is also shown with a
+   trailing `sync` (ratios use the faster figure without it, which is stricter on nf). No copy is
+   deleted until the run ends: ext4 creates files slowly for minutes after many were deleted, which
+   would handicap whoever ran next (leave a few minutes between runs for the same reason). Each
+   tool's CPU time (user and system, all its processes: both nf agents; rsync's sender, receiver
+   and daemon side) is shown too: on a machine of two CPUs shared by both ends, CPU is what the
+   wall times trade.
 2. lag    -- a writer overwrites/creates small files at a fixed rate (deadline-scheduled, no sleep
    drift); an inotify watcher on the destination reads each file that lands and records, per
    write, the time until the destination holds that version or a newer one. nf against lsyncd
@@ -95,7 +96,7 @@ class Sizes:
         return "quick" if self.big_files < 8 else "full"
 
 
-FULL = Sizes(8, 128, 20_000, 200, 20.0, 200, 1024, 100_000, 3)
+FULL = Sizes(8, 128, 20_000, 200, 20.0, 200, 1024, 100_000, 5)  # 5 rounds: each tool once in each place
 QUICK = Sizes(2, 128, 5_000, 50, 10.0, 200, 256, 20_000, 1)
 
 
