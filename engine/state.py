@@ -53,6 +53,8 @@ CREATE TABLE IF NOT EXISTS events (
 
 #: The newest events kept; older ones are dropped as new ones come (in steps of a tenth).
 EVENTS_KEPT = 10_000
+_EVENT_COLUMNS = "ts, level, kind, message, data"
+_INSERT_EVENT = f"INSERT INTO events({_EVENT_COLUMNS}) VALUES(?,?,?,?,?)"
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,7 @@ class State:
     def event(self, level: str, kind: str, message: str, **data: object) -> None:
         with self._events_lock:
             added = self._events.execute(
-                "INSERT INTO events(ts, level, kind, message, data) VALUES(?,?,?,?,?)",
-                (time.time(), level, kind, message, json.dumps(data) if data else None),
+                _INSERT_EVENT, (time.time(), level, kind, message, json.dumps(data) if data else None)
             ).lastrowid
             if added and added % (EVENTS_KEPT // 10) == 0:
                 self._events.execute("DELETE FROM events WHERE id <= ?", (added - EVENTS_KEPT,))
@@ -167,13 +168,12 @@ class State:
         EVENTS_KEPT), ahead of any events.db already holds. events.db's user_version marks the
         move done, so one cut short by a crash before the old table is dropped is not repeated."""
         if self._events.execute("PRAGMA user_version").fetchone()[0] < 1:
-            old = self.db.execute("SELECT ts, level, kind, message, data FROM events ORDER BY id DESC LIMIT ?",
+            old = self.db.execute(f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY id DESC LIMIT ?",
                                   (EVENTS_KEPT,)).fetchall()
             self._events.execute("BEGIN")
-            newer = self._events.execute("SELECT ts, level, kind, message, data FROM events ORDER BY id").fetchall()
+            newer = self._events.execute(f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY id").fetchall()
             self._events.execute("DELETE FROM events")
-            self._events.executemany("INSERT INTO events(ts, level, kind, message, data) VALUES(?,?,?,?,?)",
-                                     old[::-1] + newer)
+            self._events.executemany(_INSERT_EVENT, old[::-1] + newer)
             self._events.execute("PRAGMA user_version = 1")
             self._events.execute("COMMIT")
         self.db.execute("DROP TABLE events")
@@ -181,7 +181,7 @@ class State:
     def events(self, limit: int = 50) -> list[dict[str, Any]]:
         with self._events_lock:
             rows = self._events.execute(
-                "SELECT ts, level, kind, message, data FROM events ORDER BY id DESC LIMIT ?", (limit,)
+                f"SELECT {_EVENT_COLUMNS} FROM events ORDER BY id DESC LIMIT ?", (limit,)
             ).fetchall()
         return [
             {"ts": ts, "level": level, "kind": kind, "message": msg, "data": json.loads(d) if d else {}}
