@@ -452,6 +452,9 @@ class Sender:
         fields, parts = pack_batch(records)
         size = sum(len(p) for p in parts)
         last = max((r[0] for r in records if r[0] is not None), default=None)
+        # What was acked since the last send counts first: a passive that has acked everything
+        # sends no further ack to wait for (streaming stopped for good with 600 MB to send).
+        self._trim_inflight()
         while self.inflight and sum(n for _, n in self.inflight) > WINDOW_BYTES and not self.link.closed:
             self.progress.ack_event.clear()
             await self.progress.ack_event.wait()

@@ -1,0 +1,75 @@
+"""The active's sender, driven in-process on a real state database with a link that records
+what it is given (no channel)."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from engine.config import load_cluster, load_node
+from engine.init import NodePlan, init_cluster
+from engine.replication import WINDOW_BYTES, ManifestWaiter, PeerProgress, Sender
+from engine.state import State
+
+
+class RecordingLink:
+    node = "secondary"
+    hello: dict[str, Any] = {}
+    closed = False
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    async def send(self, type_: str, fields: dict[str, Any] | None = None, parts: Any = ()) -> None:
+        self.sent.append((type_, dict(fields or {})))
+
+
+def _sender(tmp_path: Path) -> tuple[Sender, RecordingLink, PeerProgress]:
+    cfg = init_cluster(tmp_path / "c", "demo", "app.test", ["127.0.0.9"], [
+        NodePlan("primary", "127.0.0.9:7781", "127.0.0.9", tmp_path / "r1", tmp_path / "s1"),
+        NodePlan("secondary", "127.0.0.9:7782", "127.0.0.9", tmp_path / "r2", tmp_path / "s2")])
+    cluster = load_cluster(cfg)
+    node = load_node(cfg.parent / "primary" / "node.toml", cluster)
+    link, progress = RecordingLink(), PeerProgress("secondary")
+    wake = asyncio.Event()
+    sender = Sender(link, State(node.state_dir), cluster, node, progress, "journal", lambda: wake,  # type: ignore[arg-type]
+                    ManifestWaiter(), lambda *a, **k: None)
+    return sender, link, progress
+
+
+def test_streaming_goes_on_when_the_passive_acked_everything_before_the_window_filled(tmp_path: Path) -> None:
+    """A fast passive acks each batch before the next is sent: the sender must count those acks
+    rather than wait for one more, which never comes (replication stopped for good)."""
+    async def story() -> list[int]:
+        sender, link, progress = _sender(tmp_path)
+        data = bytes(8 << 20)
+        batches = WINDOW_BYTES // len(data) + 3
+        for seq in range(1, batches + 1):
+            async with asyncio.timeout(10):
+                await sender._send([(seq, "data", {"path": "srv/data/f", "offset": 0}, data, 0.0)])
+            progress.acked_received = seq  # the passive has it already
+            progress.ack_event.set()
+        return [fields["last"] for type_, fields in link.sent if type_ == "recs"]
+
+    sent = asyncio.run(story())
+    assert sent == list(range(1, WINDOW_BYTES // (8 << 20) + 4))
+
+
+def test_the_window_still_holds_back_a_passive_that_does_not_ack(tmp_path: Path) -> None:
+    async def story() -> tuple[int, bool]:
+        sender, link, progress = _sender(tmp_path)
+        data = bytes(8 << 20)
+        for seq in range(1, WINDOW_BYTES // len(data) + 2):  # just over the window
+            await sender._send([(seq, "data", {"path": "srv/data/f", "offset": 0}, data, 0.0)])
+        held = asyncio.ensure_future(sender._send([(99, "data", {"path": "srv/data/f", "offset": 0}, data, 0.0)]))
+        await asyncio.sleep(0)  # let it run up to its wait
+        waiting = not held.done()
+        progress.acked_received = 98
+        progress.ack_event.set()
+        async with asyncio.timeout(10):
+            await held
+        return len(link.sent), waiting
+
+    count, waiting = asyncio.run(story())
+    assert waiting, "a send beyond the window must wait for an ack"
+    assert count == WINDOW_BYTES // (8 << 20) + 2
