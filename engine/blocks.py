@@ -18,7 +18,7 @@ import xxhash
 from engine.direct import pread_full, read_chunk, reads_direct
 
 __all__ = ["DIGEST_SIZE", "zero_digest", "ZERO_DIGEST", "hash_file", "changed_blocks", "read_ranges",
-           "data_extents", "new_digests", "read_hashing", "hash_bytes", "read_whole", "INLINE_BYTES"]
+           "read_shipped", "data_extents", "new_digests", "read_hashing", "hash_bytes", "read_whole", "INLINE_BYTES"]
 
 DIGEST_SIZE = 16
 
@@ -45,23 +45,25 @@ def zero_digest(length: int) -> bytes:
 ZERO_DIGEST = zero_digest
 
 
-def hash_file(path_or_fd: int | str | Path, block_size: int) -> bytes:
+def hash_file(path_or_fd: int | str | Path, block_size: int, size: int | None = None) -> bytes:
     """Digests of every block of a regular file, holes skipped without reading them.
 
-    Given an fd, reads with pread and leaves its offset where it was. A file that changes while it is
-    hashed gives digests of a mix of versions; capture sees the change and hashes it again.
+    Given an fd, reads with pread and leaves its offset where it was. `size` is the length the
+    caller stat'ed: exactly that much is hashed however the file has grown since, so digests
+    and size describe one length. A file that changes while it is hashed gives digests of a mix
+    of versions; capture sees the change and hashes it again.
     """
     if block_size <= 0:
         raise ValueError("block_size must be positive")
     if isinstance(path_or_fd, int):
         pos = os.lseek(path_or_fd, 0, os.SEEK_CUR)
         try:
-            return _hash_fd(path_or_fd, block_size)
+            return _hash_fd(path_or_fd, block_size, size)
         finally:
             os.lseek(path_or_fd, pos, os.SEEK_SET)  # SEEK_DATA/SEEK_HOLE moved it
     fd = os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return _hash_fd(fd, block_size)
+        return _hash_fd(fd, block_size, size)
     finally:
         os.close(fd)
 
@@ -120,6 +122,30 @@ def read_ranges(fd: int, indices: Sequence[int], block_size: int, size: int,
             pos += want
 
 
+#: The digest kept for a block that was to be shipped and was not read (the file shrank under
+#: the reader): no block of data hashes to it, so the next look at the file ships the block.
+UNSHIPPED = bytes(DIGEST_SIZE)
+
+
+def read_shipped(fd: int, indices: Sequence[int], digests: bytearray, block_size: int, size: int,
+                 max_chunk: int) -> Iterator[tuple[int, bytes | memoryview]]:
+    """`read_ranges`, with the digests of the blocks read written into `digests`.
+
+    The digests kept for a passive must be those of the bytes it was sent. Hashing reads the
+    file once and shipping reads it again; a writer in between (a block changed and changed
+    back) would otherwise leave a digest of data the passive never got, and the next change
+    that restores it would not be shipped.
+    """
+    for i in indices:
+        digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] = UNSHIPPED
+    step = max(block_size, max_chunk // block_size * block_size)  # whole blocks, each hashed whole
+    for pos, data in read_ranges(fd, indices, block_size, size, step):
+        hashed = hash_bytes(data, block_size)
+        at = pos // block_size * DIGEST_SIZE
+        digests[at : at + len(hashed)] = hashed
+        yield pos, data
+
+
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
     """(start, end) of the data regions of an open file up to `size`; one region if the file
     system cannot tell holes from data."""
@@ -151,9 +177,11 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
 
 # -- private ---------------------------------------------------------------------------------
 
-def _hash_fd(fd: int, block_size: int) -> bytes:
-    digests = new_digests(os.fstat(fd).st_size, block_size)
-    for _ in read_hashing(fd, block_size, digests):
+def _hash_fd(fd: int, block_size: int, size: int | None) -> bytes:
+    if size is None:
+        size = os.fstat(fd).st_size
+    digests = new_digests(size, block_size)
+    for _ in read_hashing(fd, block_size, digests, size=size):
         pass
     return bytes(digests)
 
@@ -170,16 +198,17 @@ def new_digests(size: int, block_size: int) -> bytearray:
     return out
 
 
-def read_hashing(fd: int, block_size: int, digests: bytearray, step: int = _READ_BYTES) -> Iterator[tuple[int, bytes]]:
-    """Read every data extent of a file once, block-aligned, writing each block's digest into
-    `digests` (from `new_digests`) and yielding (offset, data) of each read.
+def read_hashing(fd: int, block_size: int, digests: bytearray, step: int = _READ_BYTES, *,
+                 size: int) -> Iterator[tuple[int, bytes]]:
+    """Read every data extent of the first `size` bytes of a file once, block-aligned, writing
+    each block's digest into `digests` (from `new_digests(size)`) and yielding (offset, data)
+    of each read; nothing past `size` is read, however the file has grown.
 
     So a caller that ships a file hashes it on the way instead of reading it twice. What is not
     cached is read from the device directly (`engine.direct`); where that cannot be done, the
     next read is announced to the kernel (WILLNEED) before this one is handed out, so the disk
     works while the caller does. Stops early if the file shrinks.
     """
-    size = len(digests) // DIGEST_SIZE * block_size
     step = max(block_size, step // block_size * block_size)
     done = 0  # blocks below this index are hashed already
     # A file that fits one read is read whole: zeros hash like a hole, and asking where the

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.blocks import INLINE_BYTES, changed_blocks, hash_bytes, hash_file, read_ranges, read_whole
+from engine.blocks import INLINE_BYTES, changed_blocks, hash_bytes, hash_file, read_shipped, read_whole
 from engine.capture import Change
 from engine.manifest import Entry, same, scan_tree
 from engine.paths import has_ancestor_in, is_within, open_parent_in, tree_of
@@ -333,16 +333,17 @@ class Journaler:
                 yield "file", {"path": path, "gid": None, "size": len(data), "mode": mode,
                                "mtime_ns": st.st_mtime_ns, "fresh": True, "owner": [st.st_uid, st.st_gid]}, data
                 return
-            hashes = hash_file(fd, self.block_size)
+            hashes = hash_file(fd, self.block_size, st.st_size)
             blocks = changed_blocks(None if fresh else old.hashes, hashes)  # type: ignore[union-attr]
             entry = Entry(path, "file", mode, st.st_size, st.st_mtime_ns, None, hashes, st.st_uid, st.st_gid)
             if not fresh and not blocks and same(old, entry):  # type: ignore[arg-type]
                 return
             self._follow_links(path, old, st)
             gid = self._next_seq() if blocks else None
-            for offset, data in read_ranges(fd, blocks, self.block_size, st.st_size, self.chunk):
+            shipped = bytearray(hashes)  # the digests of what the passive gets, as it is read
+            for offset, data in read_shipped(fd, blocks, shipped, self.block_size, st.st_size, self.chunk):
                 yield "data", {"path": path, "gid": gid, "offset": offset, "fresh": fresh}, data
-            self._ship(entry)
+            self._ship(entry._replace(hashes=bytes(shipped)))
             yield "file", {"path": path, "gid": gid, "size": st.st_size, "mode": mode,
                            "mtime_ns": st.st_mtime_ns, "fresh": fresh, "owner": [st.st_uid, st.st_gid]}, b""
         finally:

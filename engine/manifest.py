@@ -286,7 +286,7 @@ class _Walk:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 return None  # replaced by something else since the lstat
-            hashes = hash_file(fd, self.block_size)
+            hashes = hash_file(fd, self.block_size, st.st_size)
         finally:
             os.close(fd)
         return Entry(path, "file", stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, None, hashes,

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_root
+from engine import blocks
 from engine.apply import Applier
 from engine.capture import Change, Coalescer, Watcher
 from engine.config import ReplicationSettings
@@ -167,5 +168,78 @@ def test_stale_paths_that_no_event_clears_give_way_to_a_rescan(tmp_path: Path, m
         more = p.journaler.process([Change("examine", "srv/data/gone3")])
         assert more.again == [Change("rescan", "srv/data", is_dir=True)]
         assert p.journaler.process([Change("examine", "srv/data/gone4")]).again == []  # the count starts again
+    finally:
+        p.close()
+
+
+def _racing_reads(monkeypatch: pytest.MonkeyPatch, path: Path,
+                  writes: dict[int, tuple[str, int, bytes]]) -> None:
+    """Make the n-th read of file data (1: the journaler hashing it, 2: reading what it ships)
+    race a writer: ("before" or "after", offset, bytes) written to `path` around that read."""
+    real = blocks.read_chunk
+    count = 0
+
+    def racing(fd: int, length: int, offset: int) -> bytes | memoryview:
+        nonlocal count
+        count += 1
+        when, at, data = writes.get(count, ("", 0, b""))
+        if when == "before":
+            _pwrite(path, data, at)
+        out = real(fd, length, offset)
+        if when == "after":
+            _pwrite(path, data, at)
+        return out
+
+    monkeypatch.setattr(blocks, "read_chunk", racing)
+
+
+def _pwrite(path: Path, data: bytes, offset: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def test_a_file_that_grows_while_the_journaler_hashes_it_reaches_the_passive_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file written as it is hashed (a copy in progress): its digests were taken of more than
+    the size shipped, so the block that held the old end looked shipped whole. The passive kept
+    zeros there for good (seen as one 4 KiB page of zeros in each 300 MB file copied in)."""
+    p = Pipeline(tmp_path)
+    try:
+        f = p.active / "srv/data/f"
+        f.write_bytes(b"a" * 4 * BS)
+        p.settle()
+        with open(f, "ab") as out:
+            out.write(b"b" * (BS + BS // 2))  # ends half-way through block 5
+        p.read()
+        _racing_reads(monkeypatch, f, {1: ("before", 5 * BS + BS // 2, b"c" * (BS // 2))})
+        p.journal()
+        monkeypatch.undo()
+        p.settle()
+        assert (p.passive / "srv/data/f").read_bytes() == f.read_bytes()
+        assert_level(p.active, p.passive)
+    finally:
+        p.close()
+
+
+def test_a_block_changed_and_changed_back_while_the_journaler_reads_it_reaches_the_passive(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashed as one version, shipped as a second, then back to the first: the digest kept
+    must be the shipped one's, or the change back looks like no change and is never shipped."""
+    p = Pipeline(tmp_path)
+    try:
+        f = p.active / "srv/data/f"
+        f.write_bytes(b"a" * 4 * BS)
+        p.settle()
+        _pwrite(f, b"b" * BS, BS)
+        p.read()
+        _racing_reads(monkeypatch, f, {1: ("after", BS, b"c" * BS), 2: ("after", BS, b"b" * BS)})
+        p.journal()
+        monkeypatch.undo()
+        p.settle()
+        assert (p.passive / "srv/data/f").read_bytes() == b"a" * BS + b"b" * BS + b"a" * 2 * BS
+        assert_level(p.active, p.passive)
     finally:
         p.close()
