@@ -598,8 +598,19 @@ class Agent:
     async def _heartbeat_loop(self) -> None:
         interval = self.cluster.heartbeat.interval
         next_run = time.monotonic()
+        fields: dict[str, Any] = {}
+        failed = ""
         while True:
-            fields = self._heartbeat_fields()
+            try:
+                fields = self._heartbeat_fields()
+                failed = ""
+            except Exception as exc:
+                # Silence would read as a dead node (a passive takes over from a silent active):
+                # the last fields go out again, and the error is said once.
+                if str(exc) != failed:
+                    log.exception("heartbeat fields failed; sending the last ones")
+                    failed = str(exc)
+                    self.last_error = f"heartbeat: {type(exc).__name__}: {exc}"
             for link in list(self.channel.links.values()):
                 try:
                     await link.send("hb", fields)

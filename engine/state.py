@@ -228,13 +228,17 @@ def _queued_after(db: sqlite3.Connection, table: str, key: str, after: int) -> t
 
     Read on every heartbeat and status call: summed over the rows, 1,000,000 records behind a
     passive that was down took 0.2 s of the event loop each time. Both tables lose records only
-    from their start, so their keys are contiguous and this is two lookups.
+    from their start, so their keys are contiguous and this is two lookups. They are one
+    statement, so one snapshot: the apply thread empties the receive queue (and upkeep truncates
+    the journal) at any moment, and a second statement found the table empty, which killed the
+    heartbeat loop that reads this.
     """
-    first = db.execute(f"SELECT {key}, upto, size, ts FROM {table} WHERE {key} > ? ORDER BY {key} LIMIT 1",
-                       (after,)).fetchone()
-    if first is None:
+    row = db.execute(f"SELECT f.{key}, f.upto, f.size, f.ts, l.{key}, l.upto FROM "
+                     f"(SELECT {key}, upto, size, ts FROM {table} WHERE {key} > ?1 ORDER BY {key} LIMIT 1) AS f, "
+                     f"(SELECT {key}, upto FROM {table} ORDER BY {key} DESC LIMIT 1) AS l", (after,)).fetchone()
+    if row is None:
         return 0, 0, None
-    last_key, last_upto = db.execute(f"SELECT {key}, upto FROM {table} ORDER BY {key} DESC LIMIT 1").fetchone()
+    first, (last_key, last_upto) = row[:4], row[4:]
     if first[1] is None or last_upto is None:  # records of a version that did not keep `upto`
         n, size, ts = db.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(ts) FROM {table} WHERE {key} > ?",
                                  (after,)).fetchone()

@@ -106,3 +106,29 @@ def test_the_newest_events_are_kept_and_the_oldest_dropped(tmp_path: Path) -> No
     assert EVENTS_KEPT <= count < EVENTS_KEPT * 1.2
     assert state.events(1)[0]["message"] == f"event {EVENTS_KEPT + 2_499}"
     assert state.events(EVENTS_KEPT)[-1]["message"] == "event 2500"
+
+
+@pytest.mark.parametrize("table", QUEUES)
+def test_the_backlog_of_a_queue_emptied_while_it_is_read_is_never_half_of_each(tmp_path: Path, table: str) -> None:
+    """The apply thread empties the receive queue (upkeep truncates the journal) on a connection
+    of its own at any moment; the heartbeat loop reading the backlog died of finding the queue
+    full in one statement and empty in the next."""
+    state = State(tmp_path / "state")
+    column, append = QUEUES[table]
+    for i in range(5):
+        append(state.db, 100, float(i))
+    other = state.connect()
+    statements = 0
+
+    def empty_after_the_first(_sql: str) -> None:
+        nonlocal statements
+        statements += 1
+        if statements == 2:
+            other.execute(f"DELETE FROM {table}")
+
+    state.db.set_trace_callback(empty_after_the_first)
+    try:
+        backlog = _after(state, table, 0)
+    finally:
+        state.db.set_trace_callback(None)
+    assert backlog in ((5, 500, 0.0), (0, 0, None))
