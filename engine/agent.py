@@ -43,7 +43,7 @@ from engine.single import hold_node_lock
 from engine.state import State, journal_upkeep
 from engine.tls import client_context, server_context
 from engine.switchover import switchover
-from engine.verify import run_verify
+from engine.verify import VerifyProgress, run_verify
 
 log = logging.getLogger("nf.agent")
 
@@ -80,6 +80,7 @@ class Agent:
         self.views: dict[str, dict[str, Any]] = {}
         self.manifests: dict[str, ManifestWaiter] = {}
         self.senders: dict[str, Sender] = {}
+        self.verifying: VerifyProgress | None = None  # while a verify runs
         self.journal_wake: set[asyncio.Event] = set()
         self.receiver: Receiver | None = None
         self.watcher: Watcher | None = None
@@ -117,7 +118,7 @@ class Agent:
             "failover": self._api_failover, "switchover": self._api_switchover,
             "divergences": self._api_divergences, "divergence": self._api_divergence,
             "cozen": self._api_cozen, "cozen_apply": self._api_cozen_apply, "cozen_remove": self._api_cozen_remove,
-        })
+        }, hangup_cancels=frozenset({"verify"}))
 
     # -- role -------------------------------------------------------------------------
     def _init_role(self) -> None:
@@ -580,7 +581,7 @@ class Agent:
                 raise ProtocolError(f"handover from {link.node}, which is not our active")
             self.intent = f"switchover from {link.node}"
             self.ha_wake.set()
-        elif t in ("manifest", "manifest_end"):
+        elif t in ("manifest", "manifest_progress", "manifest_end"):
             self.manifests[link.node].on_message(msg)
         else:
             raise ProtocolError(f"unknown message type {t!r}")
@@ -751,7 +752,13 @@ class Agent:
                 entry["dirty_paths"] = ap.get("dirty_paths", 0)
             nodes.append(entry)
         return {"cluster": self.cluster.name, "answered_by": self.node.id, "role": self.role,
-                "epoch": self.epoch, "public_ok": self.public_ok, "nodes": nodes}
+                "epoch": self.epoch, "public_ok": self.public_ok, "nodes": nodes,
+                "verify": self.verifying.to_json() if self.verifying is not None else None}
+
+    def silent_for(self, node: str) -> float | None:
+        """Seconds since `node` was last heard from (None: never)."""
+        seen = self.views.get(node, {}).get("seen")
+        return None if seen is None else time.time() - seen
 
     def event(self, level: str, kind: str, message: str, **data: object) -> None:
         getattr(log, "warning" if level == "warning" else "error" if level == "error" else "info")(message)
@@ -862,6 +869,10 @@ class Agent:
             raise ApiError("repair: expected true or false", field="repair")
         if self.role != "active":
             raise ApiError("verify runs on the active node", hint="run it against the active (nf status)")
+        if self.verifying is not None:
+            v = self.verifying.to_json()
+            raise ApiError(f"a verify is already running (for {v['seconds']:.0f} s, now {v['step']} {v['node']})",
+                           hint="wait for it to end; nf status shows how far it has come")
         return await run_verify(self, repair=repair)
 
 

@@ -4,6 +4,10 @@ The socket is created mode 0600 inside the 0700 state directory, and every conne
 checked with SO_PEERCRED: only root and the agent's own user are served. One request per line
 `{"op": ..., ...}`; one answer per line, `{"ok": true, "result": ...}` or
 `{"ok": false, "error": {"code", "message", "hint"}}`.
+
+A client sends its next request only after the answer to the last. Long work that may be
+given up (a verify) is named in `hangup_cancels`: when its client hangs up before the answer
+(an operator's Ctrl-C), the work is cancelled rather than left running for hours.
 """
 from __future__ import annotations
 
@@ -26,9 +30,10 @@ MAX_REQUEST = 1 << 20
 
 
 class ApiServer:
-    def __init__(self, path: Path, handlers: dict[str, Handler]) -> None:
+    def __init__(self, path: Path, handlers: dict[str, Handler], *, hangup_cancels: frozenset[str] = frozenset()) -> None:
         self.path = path
         self.handlers = handlers
+        self.hangup_cancels = hangup_cancels
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -58,12 +63,34 @@ class ApiServer:
             return
         try:
             while line := await reader.readline():
-                writer.write(_line(await self._handle(line)))
+                answer = await self._answer(line, reader)
+                if answer is None:
+                    break  # the client hung up
+                writer.write(_line(answer))
                 await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass
         finally:
             writer.close()
+
+    async def _answer(self, line: bytes, reader: asyncio.StreamReader) -> dict[str, Any] | None:
+        """The answer to one request line; None when its client hung up first and the work was
+        cancelled (only for the ops in `hangup_cancels`)."""
+        if _op(line) not in self.hangup_cancels:
+            return await self._handle(line)
+        work = asyncio.ensure_future(self._handle(line))
+        hangup = asyncio.ensure_future(reader.read(1))  # anything before the answer is a hang-up
+        try:
+            await asyncio.wait({work, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (work, hangup):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(work, hangup, return_exceptions=True)
+        if work.cancelled():
+            log.info("request cancelled: its client hung up")
+            return None
+        return work.result()
 
     async def _handle(self, line: bytes) -> dict[str, Any]:
         try:
@@ -91,6 +118,15 @@ def _peer_allowed(sock: socket.socket | None) -> bool:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return uid in (0, os.getuid())
+
+
+def _op(line: bytes) -> str | None:
+    try:
+        request = json.loads(line)
+    except ValueError:
+        return None  # refused with its reason by _handle
+    op = request.get("op") if isinstance(request, dict) else None
+    return op if isinstance(op, str) else None
 
 
 def _line(obj: Any) -> bytes:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,10 @@ from engine.config import NodeConfig, load_cluster, load_node
 from engine.errors import AgentUnreachable, ApiError, ConfigError, NfError
 
 DEFAULT_CONFIG = "/etc/nf/cluster.toml"
+
+#: Long work on the active (`run_on_active`) is given up once the agent has not answered a
+#: status request for this many seconds: it died, hung or was stopped.
+SILENCE_LIMIT = 15.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,7 @@ class Connection:
     benchmark waiting for a sync): a new connection per request cost the agent about as much
     CPU again as the request itself. A connection the agent has closed is opened again once."""
 
-    def __init__(self, sock: Path, timeout: float = 30.0) -> None:
+    def __init__(self, sock: Path, timeout: float | None = 30.0) -> None:
         self.sock = sock
         self.timeout = timeout
         self._s: socket.socket | None = None
@@ -70,6 +77,15 @@ class Connection:
         if self._s is not None:
             self._s.close()
             self._s, self._buf = None, b""
+
+    def abort(self) -> None:
+        """End a request another thread is waiting on (it raises AgentUnreachable)."""
+        s = self._s
+        if s is not None:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def request(self, op: str, **args: Any) -> Any:
         """The agent's answer; raises its error as an NfError, AgentUnreachable when it is gone."""
@@ -105,7 +121,7 @@ class Connection:
                 self._buf += chunk
         except TimeoutError:
             self.close()
-            raise AgentUnreachable(f"agent at {self.sock} did not answer within {self.timeout:g} s "
+            raise AgentUnreachable(f"agent at {self.sock} did not answer within {self.timeout or 0:g} s "
                                    "(stopped or overloaded?)",
                                    hint="nf status asks the next agent; check the agent's process and log") from None
         except (AgentUnreachable, ConnectionError):
@@ -142,7 +158,12 @@ def ask_all(config: str | os.PathLike[str] | None, op: str, timeout: float = 10.
 
 
 def ask_active(config: str | os.PathLike[str] | None, op: str, timeout: float = 600.0, **args: Any) -> Any:
-    """Ask the agent that is active; verify and other active-only work goes here."""
+    """Ask the agent that is active; active-only work goes here."""
+    return request(find_active(config).socket, op, timeout=timeout, **args)
+
+
+def find_active(config: str | os.PathLike[str] | None) -> AgentAddress:
+    """The agent of the cluster that says it is active."""
     errors: list[str] = []
     for agent in find_agents(config):
         try:
@@ -151,9 +172,55 @@ def ask_active(config: str | os.PathLike[str] | None, op: str, timeout: float = 
             errors.append(str(exc))
             continue
         if status.get("role") == "active":
-            return request(agent.socket, op, timeout=timeout, **args)
+            return agent
     raise AgentUnreachable("no active agent of the cluster answered" + (": " + "; ".join(errors) if errors else ""),
                            hint="nf status shows which node is active; run this on it")
 
 
-__all__ = ["AgentAddress", "NfError", "ask_active", "ask_all", "ask_any", "cluster_path", "find_agents", "request"]
+def run_on_active(config: str | os.PathLike[str] | None, op: str, *,
+                  on_status: Callable[[dict[str, Any]], None] | None = None, **args: Any) -> Any:
+    """Long work on the active (a verify of terabytes takes hours): the answer, however long it
+    takes, as long as the agent keeps answering.
+
+    The request waits without a time limit while the agent's status is asked twice a second on
+    a second connection, and handed to `on_status` (a progress bar). An agent that dies ends
+    the request at once; one that stops answering status for SILENCE_LIMIT seconds ends it with
+    AgentUnreachable.
+    """
+    agent = find_active(config)
+    work = Connection(agent.socket, timeout=None)
+    outcome: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            outcome["result"] = work.request(op, **args)
+        except Exception as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=ask, name=f"nf-{op}", daemon=True)
+    thread.start()
+    heard = time.monotonic()
+    with Connection(agent.socket, timeout=5.0) as watch:
+        while thread.is_alive():
+            thread.join(0.5)
+            if not thread.is_alive():
+                break
+            try:
+                status = watch.request("status")
+            except AgentUnreachable:
+                if time.monotonic() - heard > SILENCE_LIMIT:
+                    work.abort()
+                    raise AgentUnreachable(
+                        f"the active agent ({agent.node}) stopped answering for {SILENCE_LIMIT:.0f} s during {op}",
+                        hint="check the agent's process and log; nf status shows whether it is still active") from None
+                continue
+            heard = time.monotonic()
+            if on_status is not None:
+                on_status(status)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+__all__ = ["AgentAddress", "NfError", "ask_active", "ask_all", "ask_any", "cluster_path", "find_active", "find_agents",
+           "request", "run_on_active"]

@@ -448,6 +448,12 @@ def shipped_under(db: sqlite3.Connection, path: str) -> dict[str, Entry]:
     return {row[0]: _entry(row) for row in rows}
 
 
+def shipped_totals(db: sqlite3.Connection) -> tuple[int, int]:
+    """The number of files journaled and their bytes: what a level passive holds."""
+    files, nbytes = db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM shipped WHERE kind='file'").fetchone()
+    return int(files), int(nbytes)
+
+
 def fill_hashes(db: sqlite3.Connection, entries: Iterable[Entry]) -> None:
     """Record block hashes read by the way for shipped files that have none yet.
 

@@ -47,6 +47,9 @@ MANIFEST_CHUNK = 2000
 #: times an initial sync of the same files.
 MANIFEST_PATHS = 1000
 MANIFEST_PATHS_BYTES = 256 << 10
+#: While a passive lists (and hashes) its tree for a manifest request that asks for progress,
+#: it says how far it has come this often, in seconds.
+PROGRESS_INTERVAL = 0.5
 #: What this node's protocol does beyond what every version does, listed in its hello so a
 #: newer peer asks nothing of an older one that it would not understand.
 FEATURES = ("manifest_paths", "manifest_split")
@@ -96,23 +99,37 @@ class ManifestWaiter:
     A chunk marked `kept` holds directories the passive keeps only for its identity files
     (`engine.manifest.split_identity_dirs`); a passive sends them only when asked. An item
     `{"path": p, "more": hex}` carries more block hashes of the file entry before it
-    (`manifest_payloads`).
+    (`manifest_payloads`). A "manifest_progress" message says how much the passive has listed
+    so far, when the request asked for it.
     """
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Collecting] = {}
 
-    def new(self) -> tuple[int, asyncio.Future[Listing]]:
+    def new(self, on_progress: Callable[[int, int, int], None] | None = None) -> tuple[int, asyncio.Future[Listing]]:
+        """A request id and the future of its answer; `on_progress(id, files, bytes)` receives
+        the passive's progress reports."""
         rid = next(self._ids)
         fut: asyncio.Future[Listing] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = _Collecting(fut)
+        self._pending[rid] = _Collecting(fut, on_progress)
         return rid, fut
+
+    def forget(self, rid: int) -> None:
+        """Drop a request whose answer is no longer awaited."""
+        self._pending.pop(rid, None)
 
     def on_message(self, msg: Message) -> None:
         rid = msg.get("id", int)
         c = self._pending.get(rid)
         if c is None:
+            return
+        if msg.type == "manifest_progress":
+            files, nbytes = msg.get("files", int), msg.get("bytes", int)
+            if files < 0 or nbytes < 0:
+                raise ProtocolError(f"manifest_progress: expected counts of 0 or more, got {files} files, {nbytes} bytes")
+            if c.on_progress is not None:
+                c.on_progress(rid, files, nbytes)
             return
         if msg.type == "manifest":
             try:
@@ -144,6 +161,7 @@ class _Collecting:
     """One manifest as it arrives."""
 
     fut: asyncio.Future[Listing]
+    on_progress: Callable[[int, int, int], None] | None = None
     listed: list[Entry] = field(default_factory=list)
     kept: list[Entry] = field(default_factory=list)
     more: dict[int, list[bytes]] = field(default_factory=dict)  # index in listed -> later hashes
@@ -365,27 +383,32 @@ class Sender:
                       f"{reason} of {p.node} sent {len(total)} difference(s) in {time.monotonic() - t0:.1f} s")
         return total
 
-    async def compare(self, paths: list[str]) -> list[Difference]:
+    async def compare(self, paths: list[str],
+                      on_progress: Callable[[int, int, int], None] | None = None) -> list[Difference]:
         """Differences between the active and this passive under these paths (none the
-        ancestor of another)."""
+        ancestor of another); `on_progress(request, files, bytes)` hears how far the passive's
+        listing of each group of paths has come."""
         out: list[Difference] = []
         for group in self._groups(paths):
-            out.extend(await self._compare(group))
+            out.extend(await self._compare(group, on_progress=on_progress))
         return out
 
     def _groups(self, paths: list[str]) -> Iterator[list[str]]:
         return manifest_groups(paths, batched="manifest_paths" in (self.link.hello.get("features") or ()))
 
-    async def _compare(self, paths: list[str], *, trust_journal: bool = False) -> list[Difference]:
+    async def _compare(self, paths: list[str], *, trust_journal: bool = False,
+                       on_progress: Callable[[int, int, int], None] | None = None) -> list[Difference]:
         """One round trip: the passive's manifest comes first, then the active hashes only the
         files the passive also holds (a file the passive lacks is shipped whole and hashed on
         the way). With `trust_journal` (a sync, not verify) and a passive that holds nothing
         below the paths, the active's side is what it journaled rather than a walk of its tree.
         """
-        rid, fut = self.manifests.new()
-        # One path goes as "path", which a passive of every version reads.
+        rid, fut = self.manifests.new(on_progress)
+        # One path goes as "path", which a passive of every version reads; one of an older
+        # version ignores "progress".
         where: dict[str, Any] = {"path": paths[0]} if len(paths) == 1 else {"paths": paths}
-        await self.link.send("manifest_req", {"id": rid, **where, "kept": True})
+        progress = {"progress": True} if on_progress is not None else {}
+        await self.link.send("manifest_req", {"id": rid, **where, "kept": True, **progress})
         # Read while the passive answers (0.1 s for 20,000 files); unused if it is not empty.
         shipped = (asyncio.ensure_future(asyncio.to_thread(_shipped_manifest, self.state, self.cluster, paths))
                    if trust_journal else None)
@@ -397,6 +420,7 @@ class Sender:
                 # another walk of the tree, and the journal after `head` carries what changes meanwhile.
                 return diff(await shipped, theirs, kept=kept)
         finally:
+            self.manifests.forget(rid)  # answered, or no longer awaited (a verify gave up on the passive)
             if shipped is not None:
                 await asyncio.gather(shipped, return_exceptions=True)  # never left running unseen
         mine = await asyncio.to_thread(_scan, self.node.root, self.cluster, paths, self.settings.block_size,
@@ -556,13 +580,22 @@ class Receiver:
         elif not 0 < len(paths) <= MANIFEST_PATHS or not all(isinstance(p, str) for p in paths):
             raise ProtocolError(f"manifest_req.paths: expected a list of 1 to {MANIFEST_PATHS} path strings")
         with_kept = bool(msg.get("kept", bool, optional=True))  # an active of an older version drops them
-        asyncio.ensure_future(self._send_manifest(link, rid, paths, with_kept))
+        progress = bool(msg.get("progress", bool, optional=True))
+        asyncio.ensure_future(self._send_manifest(link, rid, paths, with_kept, progress))
 
-    async def _send_manifest(self, link: Link, rid: int, paths: list[str], with_kept: bool) -> None:
+    async def _send_manifest(self, link: Link, rid: int, paths: list[str], with_kept: bool, progress: bool) -> None:
+        """List and hash the paths in a thread; with `progress`, say every PROGRESS_INTERVAL how
+        far that has come (the operator of a verify of terabytes waits on it)."""
         await self.drained()
         split = "manifest_split" in (link.hello.get("features") or ())
+        listed = Listed()
+        work = asyncio.ensure_future(asyncio.to_thread(self._manifest_messages, paths, with_kept, split, listed))
         try:
-            messages = await asyncio.to_thread(self._manifest_messages, paths, with_kept, split)
+            while progress and not work.done():
+                await asyncio.wait({work}, timeout=PROGRESS_INTERVAL)
+                if not work.done():
+                    await link.send("manifest_progress", {"id": rid, "files": listed.files, "bytes": listed.bytes})
+            messages = await work
         except (NfError, OSError) as exc:
             await link.send("manifest_end", {"id": rid, "error": str(exc)})
             return
@@ -570,20 +603,21 @@ class Receiver:
             await link.send("manifest", {"id": rid, "kept": True} if kept else {"id": rid}, payload)
         await link.send("manifest_end", {"id": rid})
 
-    def _manifest_messages(self, paths: list[str], with_kept: bool, split: bool) -> list[tuple[bool, bytes]]:
+    def _manifest_messages(self, paths: list[str], with_kept: bool, split: bool,
+                           counted: "Listed") -> list[tuple[bool, bytes]]:
         """The payloads of the answer, each marked whether it holds kept directories."""
-        listed, kept = self._listing(paths)
+        listed, kept = self._listing(paths, counted)
         budget = self.cluster.replication.max_frame_bytes // 2
         out = [(False, p) for p in manifest_payloads(listed, budget, split=split)]
         if with_kept:
             out += [(True, p) for p in manifest_payloads(kept, budget, split=split)]
         return out
 
-    def _listing(self, paths: list[str]) -> Listing:
+    def _listing(self, paths: list[str], counted: "Listed") -> Listing:
         listed: list[Entry] = []
         kept: list[Entry] = []
         for path in paths:
-            entries = manifest(self.node.root, self.cluster, path, self.cluster.replication.block_size)
+            entries = manifest(self.node.root, self.cluster, path, self.cluster.replication.block_size, counted=counted)
             mine, theirs = split_identity_dirs(self.node.root, tree_of(path, self.cluster.protected).rel, entries,
                                                self.node.local_files)
             listed += mine
@@ -746,17 +780,34 @@ def _take(gen: Iterator[Record], max_bytes: int) -> list[Record]:
     return out
 
 
+@dataclass
+class Listed:
+    """The files (and their bytes) a manifest has listed so far: counted by the listing thread,
+    read by the loop."""
+
+    files: int = 0
+    bytes: int = 0
+
+    def count(self, entries: Iterable[Entry]) -> Iterator[Entry]:
+        for e in entries:
+            if e.kind == "file":
+                self.files += 1
+                self.bytes += e.size
+            yield e
+
+
 def manifest(root: Path, cluster: "ClusterConfig", path: str, block_size: int,
              reuse: Callable[[str], Entry | None] | None = None,
-             with_hashes: bool | Callable[[str], bool] = True) -> list[Entry]:
+             with_hashes: bool | Callable[[str], bool] = True, counted: Listed | None = None) -> list[Entry]:
     """Entries of one subtree with block hashes, as verify and sync compare them; `reuse`
-    skips re-hashing unchanged files."""
+    skips re-hashing unchanged files, `counted` counts the files as they are listed."""
     check_rel_path(path, cluster.protected, allow_tree_root=True)
     tree = tree_of(path, cluster.protected)
     if tree is None:
         raise PathError(path, "outside the protected set")
     only = None if path == tree.rel else path[len(tree.rel) + 1 :]
-    return list(scan_tree(root, tree, block_size=block_size, with_hashes=with_hashes, reuse=reuse, only=only))
+    entries = scan_tree(root, tree, block_size=block_size, with_hashes=with_hashes, reuse=reuse, only=only)
+    return list(counted.count(entries) if counted is not None else entries)
 
 
 def _scan(root: Path, cluster: "ClusterConfig", paths: Iterable[str], block_size: int,

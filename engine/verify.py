@@ -3,23 +3,75 @@
 Verify first lets replication drain (the passive has applied everything journaled so far), so
 what it reports are real differences rather than records still in flight. Repair ships only the
 blocks that differ, through the same link and receive queue as replication, then compares again.
+
+On a tree of terabytes the passive hashes for an hour, so a verify reports how far it has come
+(`VerifyProgress`, in the active's status) and gives up on a passive that stops answering
+rather than waiting on it for ever.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.errors import NfError
+from engine.journaler import shipped_totals
 
 if TYPE_CHECKING:
     from engine.agent import Agent
+    from engine.state import State
 
 DRAIN_TIMEOUT = 120.0
 
+#: A passive silent (no heartbeat) for this many failover timeouts, and at least
+#: SILENCE_FLOOR seconds, is given up on: its part of the verify says so.
+SILENCE_TIMEOUTS = 10
+SILENCE_FLOOR = 5.0
+
+T = TypeVar("T")
+
+
+@dataclass
+class VerifyProgress:
+    """Where a running verify is: which passive, which step, and how much of its tree the
+    passive has listed against what the active journaled."""
+
+    repair: bool
+    files: int = 0  # the active's, as journaled: what a level passive lists
+    bytes: int = 0
+    node: str = ""
+    step: str = "draining"  # draining | listing | repairing | checking again
+    started: float = field(default_factory=time.monotonic)
+    _listed: dict[int, tuple[int, int]] = field(default_factory=dict)  # manifest request -> (files, bytes)
+
+    def begin(self, node: str, step: str) -> None:
+        self.node, self.step = node, step
+        self._listed.clear()
+
+    def listed(self, request: int, files: int, nbytes: int) -> None:
+        self._listed[request] = (files, nbytes)
+
+    def to_json(self) -> dict[str, Any]:
+        files = sum(f for f, _ in self._listed.values())
+        nbytes = sum(b for _, b in self._listed.values())
+        return {"repair": self.repair, "node": self.node, "step": self.step,
+                "listed_files": files, "listed_bytes": nbytes, "files": self.files, "bytes": self.bytes,
+                "seconds": round(time.monotonic() - self.started, 1)}
+
 
 async def run_verify(agent: "Agent", *, repair: bool) -> dict[str, Any]:
-    t0 = time.monotonic()
+    progress = agent.verifying = VerifyProgress(repair)  # before any await: one verify at a time
+    try:
+        progress.files, progress.bytes = await asyncio.to_thread(_totals, agent.state)
+        return await _verify(agent, progress)
+    finally:
+        agent.verifying = None
+
+
+async def _verify(agent: "Agent", progress: VerifyProgress) -> dict[str, Any]:
+    repair = progress.repair
     head = await quiesce(agent)
     nodes: list[dict[str, Any]] = []
     for spec in agent.cluster.nodes:
@@ -30,15 +82,19 @@ async def run_verify(agent: "Agent", *, repair: bool) -> dict[str, Any]:
             nodes.append({"id": spec.id, "checked": False, "error": "not connected", "differences": []})
             continue
         try:
+            progress.begin(spec.id, "draining")
             await wait_applied(agent, spec.id, head)
             trees = [t.rel for t in agent.cluster.protected]
-            found = await sender.compare(trees)
+            progress.begin(spec.id, "listing")
+            found = await while_answering(agent, spec.id, sender.compare(trees, on_progress=progress.listed))
             entry: dict[str, Any] = {"id": spec.id, "checked": True, "error": "",
                                      "differences": [d.to_json() for d in found]}
             if repair and found:
-                await sender.send_repairs(found)
+                progress.begin(spec.id, "repairing")
+                await while_answering(agent, spec.id, sender.send_repairs(found))
                 # The passive applies the repairs before it answers the next manifest request.
-                left = await sender.compare(trees)
+                progress.begin(spec.id, "checking again")
+                left = await while_answering(agent, spec.id, sender.compare(trees, on_progress=progress.listed))
                 entry["repaired"] = len(found) - len(left)
                 entry["remaining"] = [d.to_json() for d in left]
             nodes.append(entry)
@@ -51,12 +107,41 @@ async def run_verify(agent: "Agent", *, repair: bool) -> dict[str, Any]:
         "journal_seq": head, "repair": repair, "nodes": nodes, "differences": total,
         "remaining": remaining if repair else total,
         "equal": all(n["checked"] for n in nodes) and (remaining if repair else total) == 0,
-        "seconds": round(time.monotonic() - t0, 3),
+        "seconds": round(time.monotonic() - progress.started, 3),
     }
     level = "info" if result["equal"] else "warning"
     agent.event(level, "verify", f"verify{' --repair' if repair else ''}: {total} difference(s)"
                 + (f", {remaining} left after repair" if repair else ""), differences=total)
     return result
+
+
+async def while_answering(agent: "Agent", node: str, work: Awaitable[T]) -> T:
+    """The result of `work`, unless `node` falls silent first (TimeoutError) or its link closes
+    (ConnectionError): a passive that froze would otherwise hold the verify for ever."""
+    bound = max(SILENCE_FLOOR, SILENCE_TIMEOUTS * agent.cluster.heartbeat.failover_timeout)
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=1.0)
+            if done:
+                return task.result()
+            if node not in agent.senders:
+                raise ConnectionError(f"channel to {node} closed")
+            silent = agent.silent_for(node)
+            if silent is not None and silent > bound:
+                raise TimeoutError(f"{node} stopped answering (no heartbeat for {silent:.0f} s)")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def _totals(state: "State") -> tuple[int, int]:
+    db = state.connect()  # its own connection: this runs in a thread
+    try:
+        return shipped_totals(db)
+    finally:
+        db.close()
 
 
 async def quiesce(agent: "Agent") -> int:

@@ -263,3 +263,46 @@ def test_a_syncs_progress_counts_groups_of_paths_and_the_file_data_shipped_for_t
     assert p.fraction() == 0.5
     p.end_group()
     assert p.to_json(now=130.0)["percent"] == 100.0 and p.to_json(now=130.0)["eta_seconds"] == 0.0
+
+
+def test_a_manifest_asked_with_progress_says_how_far_the_listing_has_come(tmp_path: Path, monkeypatch) -> None:
+    """A verify of terabytes waits an hour on the passive's listing: the operator sees it move."""
+    from engine import replication
+
+    rx, data = _receiver(tmp_path)
+    for i in range(300):
+        (data / f"f{i}").write_bytes(b"x" * 1000)
+    monkeypatch.setattr(replication, "PROGRESS_INTERVAL", 0)  # a report at every turn of the loop
+
+    def ask(fields: dict[str, Any]) -> tuple[int, Listing, list[tuple[int, int, int]]]:
+        seen: list[tuple[int, int, int]] = []
+
+        async def go() -> tuple[int, Listing]:
+            waiter = ManifestWaiter()
+            rid, answer = waiter.new(on_progress=lambda *report: seen.append(report))
+            rx.on_manifest_req(_Loopback(waiter, rx), Message("manifest_req", 1, {"id": rid, **fields}))
+            return rid, await asyncio.wait_for(answer, 30)
+        rid, listing = asyncio.run(go())
+        return rid, listing, seen
+
+    rid, (listed, _), seen = ask({"path": "srv/data", "progress": True})
+    assert len([e for e in listed if e.kind == "file"]) == 300
+    assert seen and {r for r, _, _ in seen} == {rid}
+    counts = [(files, nbytes) for _, files, nbytes in seen]
+    assert counts == sorted(counts) and all(nbytes == 1000 * files <= 300_000 for files, nbytes in counts), counts
+    _, _, unasked = ask({"path": "srv/data"})  # an active of an older version does not ask
+    assert unasked == []
+
+
+@pytest.mark.parametrize("fields, error", [
+    ({"files": -1, "bytes": 0}, "manifest_progress: expected counts of 0 or more"),
+    ({"files": 1, "bytes": "many"}, "manifest_progress.bytes: expected int"),
+    ({"files": 1}, "manifest_progress.bytes: missing"),
+])
+def test_a_progress_report_that_makes_no_sense_is_refused(fields: dict[str, Any], error: str) -> None:
+    async def go() -> None:
+        waiter = ManifestWaiter()
+        rid, _ = waiter.new(on_progress=lambda *report: None)
+        waiter.on_message(Message("manifest_progress", 1, {"id": rid, **fields}))
+    with pytest.raises(ProtocolError, match=error):
+        asyncio.run(go())

@@ -1,9 +1,10 @@
 """`nf verify`: compare the active with its passives by block hashes."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from engine import client
@@ -16,13 +17,19 @@ def verify(
     json: JsonOpt = False,
     repair: Annotated[bool, typer.Option("--repair", help="Ship the active's version of every difference.")] = False,
 ) -> None:
-    """Report every difference between the active and the passives (exit 4 if any remain)."""
+    """Report every difference between the active and the passives (exit 4 if any remain).
+
+    Runs as long as the active agent keeps answering; Ctrl-C stops the verify in the agent too.
+    """
     with errors(json):
         if json:
-            doc = client.ask_active(config, "verify", repair=repair)
+            doc = client.run_on_active(config, "verify", repair=repair)
         else:
-            with console.status("verifying: draining replication, then comparing block hashes…"):
-                doc = client.ask_active(config, "verify", repair=repair)
+            with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                          TimeElapsedColumn(), console=console, transient=True) as bar:
+                task = bar.add_task("verifying: draining replication", total=None)
+                doc = client.run_on_active(config, "verify", on_status=lambda st: _show(bar, task, st),
+                                           repair=repair)
     if json:
         print_json(doc)
     else:
@@ -31,6 +38,25 @@ def verify(
         raise typer.Exit(EXIT_ERROR)
     if doc["remaining"]:
         raise typer.Exit(EXIT_DIFFERENCES)
+
+
+#: What the passive is doing at each step of a verify, for the progress line.
+_STEPS = {"draining": "waiting until {node} has applied everything", "listing": "{node} hashing its tree",
+          "repairing": "repairing {node}", "checking again": "{node} hashing its tree again"}
+
+
+def _show(bar: Progress, task: TaskID, status: dict[str, Any]) -> None:
+    """The progress line from the active's status: the passive's hashed bytes against the
+    active's journaled ones while it lists its tree, a pulse otherwise."""
+    v = status.get("verify")
+    if not v or not v["node"]:
+        return
+    text = "verifying: " + _STEPS.get(v["step"], v["step"] + " {node}").format(node=v["node"])
+    if v["step"] in ("listing", "checking again"):
+        bar.update(task, description=text, total=max(v["bytes"], v["listed_bytes"]) or None,
+                   completed=v["listed_bytes"])
+    else:
+        bar.update(task, description=text, total=None, completed=0)
 
 
 def _print(doc: dict) -> None:

@@ -1,0 +1,115 @@
+"""`nf verify` on a tree that takes long to hash: its progress, one at a time, and what ends it.
+
+A passive frozen with SIGSTOP stands for one that is still hashing terabytes: it answers its
+manifest request only once it is let go, so each state below lasts as long as the test needs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from conftest import Demo, nf, wait_for
+from engine.client import request
+from engine.config import load_cluster, load_node
+
+
+def _status(demo: Demo, node: str = "primary") -> dict[str, Any]:
+    cfg = load_node(demo.workdir / node / "node.toml", load_cluster(demo.config))
+    return request(cfg.socket, "status", timeout=5)
+
+
+def _pid(demo: Demo, node: str) -> int:
+    return int((demo.workdir / node / "agent.pid").read_text())
+
+
+@contextmanager
+def _frozen(demo: Demo, node: str) -> Iterator[None]:
+    pid = _pid(demo, node)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _verify_in_background(demo: Demo) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "nftui", "verify", "--config", str(demo.config), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _listing(demo: Demo) -> dict[str, Any]:
+    v = wait_for(lambda: (_status(demo).get("verify") or {}).get("step") == "listing" and _status(demo)["verify"],
+                 30, "the verify to wait on the secondary's listing")
+    return v
+
+
+def _up(demo: Demo) -> None:
+    demo.up(nodes=2)
+    (demo.data("primary") / "a").write_bytes(os.urandom(300_000))
+    (demo.data("primary") / "b").write_text("b")
+    demo.wait_equal(60, nodes=("secondary",))
+
+
+def test_a_verify_shows_how_far_it_has_come_and_a_second_one_waits_its_turn(demo: Demo) -> None:
+    _up(demo)
+    with _frozen(demo, "secondary"):
+        first = _verify_in_background(demo)
+        v = _listing(demo)
+        assert (v["node"], v["files"], v["bytes"], v["listed_bytes"]) == ("secondary", 2, 300_001, 0)
+        second = nf("verify", "--config", str(demo.config), "--json", check=False)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert "already running" in json.loads(second.stdout)["error"]["message"]
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, out + err
+    assert json.loads(out)["equal"] is True
+    assert _status(demo)["verify"] is None
+
+
+def test_a_verify_gives_up_on_a_passive_that_stops_answering(demo: Demo) -> None:
+    _up(demo)
+    with _frozen(demo, "secondary"):
+        done = nf("verify", "--config", str(demo.config), "--json", check=False, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    [node] = json.loads(done.stdout)["nodes"]
+    assert not node["checked"] and "secondary stopped answering" in node["error"], node
+
+
+def test_a_verify_whose_operator_gives_up_stops_in_the_agent(demo: Demo) -> None:
+    _up(demo)
+    with _frozen(demo, "secondary"):
+        cli = _verify_in_background(demo)
+        _listing(demo)
+        cli.send_signal(signal.SIGINT)  # Ctrl-C
+        cli.communicate(timeout=30)
+        wait_for(lambda: _status(demo)["verify"] is None, 30, "the agent to cancel the verify")
+    again = nf("verify", "--config", str(demo.config), "--json")
+    assert json.loads(again.stdout)["equal"] is True
+
+
+def test_nf_verify_ends_when_the_active_hangs_under_it(demo: Demo) -> None:
+    _up(demo)
+    with _frozen(demo, "secondary"):
+        cli = _verify_in_background(demo)
+        _listing(demo)
+        with _frozen(demo, "primary"):  # status goes unanswered
+            out, err = cli.communicate(timeout=90)
+    assert cli.returncode == 3, out + err
+    assert "stopped answering" in json.loads(out)["error"]["message"]
+
+
+def test_nf_verify_ends_when_the_active_dies_under_it(demo: Demo) -> None:
+    _up(demo)
+    with _frozen(demo, "secondary"):
+        cli = _verify_in_background(demo)
+        _listing(demo)
+        demo.kill("primary")  # the request's connection closes
+        out, err = cli.communicate(timeout=30)
+    assert cli.returncode == 3, out + err
+    assert "closed the connection" in json.loads(out)["error"]["message"]
