@@ -12,7 +12,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from conftest import Demo, nf, wait_for
@@ -45,9 +44,11 @@ def _verify_in_background(demo: Demo) -> subprocess.Popen[str]:
 
 
 def _listing(demo: Demo) -> dict[str, Any]:
-    v = wait_for(lambda: (_status(demo).get("verify") or {}).get("step") == "listing" and _status(demo)["verify"],
-                 30, "the verify to wait on the secondary's listing")
-    return v
+    """The active's verify progress once it waits on the secondary's listing."""
+    def listing() -> dict[str, Any] | None:
+        v = _status(demo).get("verify")
+        return v if v and v["step"] == "listing" else None
+    return wait_for(listing, 30, "the verify to wait on the secondary's listing")
 
 
 def _up(demo: Demo) -> None:
