@@ -351,7 +351,7 @@ class Agent:
             if spec.id == self.node.id:
                 continue
             v = self.views.get(spec.id, {})
-            seen = v.get("seen")
+            seen = self._heard_at(spec.id)
             peers.append(PeerView(spec.id, v.get("role"), int(v.get("epoch") or 0),
                                   None if seen is None else round(now - seen, 3),
                                   int(v.get("applied_seq") or 0), spec.id in self.channel.links))
@@ -614,7 +614,7 @@ class Agent:
                     self.last_error = f"heartbeat: {type(exc).__name__}: {exc}"
             for link in list(self.channel.links.values()):
                 try:
-                    await link.send("hb", fields)
+                    link.send_now("hb", fields)  # ahead of bulk data, and never waiting for room
                 except Exception:  # a transport torn down under us: the link's reader ends it
                     link.close()
             next_run += interval
@@ -741,7 +741,8 @@ class Agent:
                 "applied_seq": v.get("applied_seq", 0),
                 "lag_seconds": 0.0,
                 "last_error": v.get("last_error", ""),
-                "heartbeat_age": None if spec.id == self.node.id or "seen" not in v else round(now - v["seen"], 3),
+                "heartbeat_age": None if spec.id == self.node.id or (heard := self._heard_at(spec.id)) is None
+                else round(now - heard, 3),
                 "presented_name": v.get("presented"),
             }
             if spec.id in active_peers:
@@ -757,8 +758,17 @@ class Agent:
 
     def silent_for(self, node: str) -> float | None:
         """Seconds since `node` was last heard from (None: never)."""
+        heard = self._heard_at(node)
+        return None if heard is None else time.time() - heard
+
+    def _heard_at(self, node: str) -> float | None:
+        """When `node` was last heard from: its last heartbeat handled here, or any frame of it
+        that arrived since (a heartbeat can still wait behind records being queued)."""
         seen = self.views.get(node, {}).get("seen")
-        return None if seen is None else time.time() - seen
+        link = self.channel.links.get(node)
+        if seen is None or link is None:
+            return seen
+        return max(seen, link.stream.last_arrival)
 
     def event(self, level: str, kind: str, message: str, **data: object) -> None:
         getattr(log, "warning" if level == "warning" else "error" if level == "error" else "info")(message)

@@ -53,6 +53,10 @@ class Link:
         parts = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else payload
         await self.stream.send(self.stream.codec.frame(type_, self.epoch(), fields, parts))
 
+    def send_now(self, type_: str, fields: dict[str, Any] | None = None) -> None:
+        """Queue a small control message (a heartbeat) ahead of bulk data (`FrameStream.send_now`)."""
+        self.stream.send_now(self.stream.codec.frame(type_, self.epoch(), fields, []))
+
     async def recv(self) -> Message:
         return await self.stream.recv()
 

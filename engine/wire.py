@@ -15,6 +15,13 @@ OpenSSL requires.
 
 Both directions are bounded: `send` waits while more than SEND_BUFFER bytes are queued, and
 the reader stops reading while more than RECV_BUFFER bytes of frames wait for the loop.
+
+Heartbeats must not wait behind bulk data: queued behind 16 MiB of records for a passive
+whose disk was slow, and behind the wait for room, the active's heartbeats left a second late
+(the failover timeout is one). `send_now` queues a small frame ahead of the bulk frames not yet
+begun, without waiting for room; and the time the last frame of any kind arrived
+(`last_arrival`) tells a peer that is alive but whose heartbeat is still behind records on
+this end.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Sequence
 
 from engine.buffers import BufferPool
@@ -35,6 +43,8 @@ __all__ = ["FrameStream", "handshake", "SEND_BUFFER", "RECV_BUFFER"]
 
 SEND_BUFFER = 16 << 20
 RECV_BUFFER = 32 << 20
+#: Frames of `send_now` waiting at most; older ones are dropped (a heartbeat that old says nothing).
+URGENT_MAX = 64
 _COALESCE = 256 << 10  # small frame parts are joined up to this size: one TLS write, fewer records
 _SLICE = 256 << 10  # at most this much is encrypted per hold of the SSL lock: the reader waits less
 _CLOSE_GRACE = 2.0
@@ -81,7 +91,9 @@ class FrameStream:
         self._ssl_lock = threading.Lock()
         self._cond = threading.Condition()
         self._sendq: collections.deque[list[Buffer]] = collections.deque()
+        self._urgent: collections.deque[list[Buffer]] = collections.deque(maxlen=URGENT_MAX)
         self._queued = 0   # bytes in _sendq
+        self.last_arrival = time.time()  # when the last frame (or the connection) came in
         self._unread = 0   # bytes of frames handed to the loop and not yet taken by recv
         self._closing = False
         self._loop = asyncio.get_running_loop()
@@ -109,6 +121,14 @@ class FrameStream:
         with self._cond:
             self._sendq.append(list(parts))
             self._queued += size
+            self._cond.notify()
+
+    def send_now(self, parts: Sequence[Buffer]) -> None:
+        """Queue one small frame ahead of the bulk frames not yet begun, without waiting for room."""
+        if self._closing:
+            raise ConnectionResetError(str(self._failed) if self._failed else "channel is closed")
+        with self._cond:
+            self._urgent.append(list(parts))
             self._cond.notify()
 
     async def recv(self) -> Message:
@@ -139,14 +159,19 @@ class FrameStream:
         try:
             while True:
                 with self._cond:
-                    while not self._sendq and not self._closing:
+                    while not self._urgent and not self._sendq and not self._closing:
                         self._cond.wait()
-                    if not self._sendq:
+                    if self._urgent:
+                        parts, size = self._urgent.popleft(), 0  # not counted in _queued
+                    elif self._sendq:
+                        parts = self._sendq.popleft()
+                        size = sum(len(p) for p in parts)
+                    else:
                         break
-                    parts = self._sendq.popleft()
-                size = sum(len(p) for p in parts)
                 for chunk in _coalesce(parts):
                     self._write_all(chunk)
+                if not size:
+                    continue
                 with self._cond:
                     self._queued -= size
                     low = self._queued <= SEND_BUFFER
@@ -197,6 +222,7 @@ class FrameStream:
                 if body is None:
                     end = ConnectionAbortedError("peer closed the channel in the middle of a frame")
                     break
+                self.last_arrival = time.time()
                 msg = self.codec.decode_body(body)
                 with self._cond:
                     while self._unread > RECV_BUFFER and not self._closing:

@@ -13,7 +13,7 @@ class RecordingLink:
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
 
-    async def send(self, type_: str, fields: dict[str, Any]) -> None:
+    def send_now(self, type_: str, fields: dict[str, Any]) -> None:
         assert type_ == "hb"
         self.sent.append(fields)
 
@@ -50,3 +50,15 @@ def test_heartbeats_go_on_when_their_fields_cannot_be_read() -> None:
     asyncio.run(run())
     assert [f["n"] for f in link.sent[:6]] == [1, 1, 1, 4, 5, 6]
     assert "heartbeat: TypeError" in agent.last_error
+
+
+def test_a_peer_whose_frames_keep_arriving_is_not_silent_while_its_heartbeat_waits_behind_records() -> None:
+    """A passive queues each batch of records before it reads the next frame; a heartbeat behind
+    32 MiB of them, on a slow disk, was handled a second after it arrived."""
+    now = time.time()
+    link = SimpleNamespace(stream=SimpleNamespace(last_arrival=now - 0.1))
+    agent = SimpleNamespace(views={"primary": {"seen": now - 1.5}, "tertiary": {"seen": now - 0.2}},
+                            channel=SimpleNamespace(links={"primary": link}))
+    assert Agent._heard_at(agent, "primary") == now - 0.1  # type: ignore[arg-type]
+    assert Agent._heard_at(agent, "tertiary") == now - 0.2  # type: ignore[arg-type]  # no link: its heartbeat
+    assert Agent._heard_at(agent, "secondary") is None  # type: ignore[arg-type]

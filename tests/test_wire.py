@@ -144,3 +144,32 @@ def test_a_frame_the_peer_would_refuse_is_never_sent() -> None:
         c.frame("recs", 1, {"paths": ["p" * 1000] * 1100}, [])
     with pytest.raises(FrameTooLarge, match="frame of .* bytes exceeds"):
         c.frame("recs", 1, {}, [random.randbytes((2 << 20) + 1)])  # incompressible
+
+
+def test_a_heartbeat_overtakes_the_bulk_frames_not_yet_begun_and_never_waits_for_room(tmp_path: Path) -> None:
+    """Queued behind 16 MiB of records for a passive whose disk was slow, and behind the wait
+    for room, the active's heartbeats left up to a second late: the failover timeout."""
+    bulk = [bytes(3 << 20)] * 12  # more than the send buffer holds
+
+    async def scenario(a: FrameStream, b: FrameStream) -> None:
+        queued = 0
+
+        async def fill() -> None:
+            nonlocal queued
+            for i, data in enumerate(bulk):
+                await a.send(a.codec.frame("recs", 7, {"i": i}, [data]))
+                queued += 1
+
+        filler = asyncio.ensure_future(fill())
+        deadline = asyncio.get_running_loop().time() + 30
+        while a._queued <= SEND_BUFFER:  # b reads nothing: the queue fills and the filler waits for room
+            assert asyncio.get_running_loop().time() < deadline, "the send queue never filled"
+            await asyncio.sleep(0.01)
+        begun = queued - len(a._sendq)  # frames the writer has taken, the last one part-written
+        a.send_now(a.codec.frame("hb", 7, {"now": True}, []))
+        assert not filler.done()
+        got = [await asyncio.wait_for(b.recv(), 60) for _ in range(len(bulk) + 1)]
+        await filler
+        assert [m.type for m in got].index("hb") == begun
+        assert [m.fields["i"] for m in got if m.type == "recs"] == list(range(len(bulk)))
+    with_pair(tmp_path, scenario)
