@@ -161,17 +161,18 @@ class FrameStream:
                 with self._cond:
                     while not self._urgent and not self._sendq and not self._closing:
                         self._cond.wait()
-                    if self._urgent:
-                        parts, size = self._urgent.popleft(), 0  # not counted in _queued
+                    urgent = bool(self._urgent)
+                    if urgent:
+                        parts = self._urgent.popleft()
                     elif self._sendq:
                         parts = self._sendq.popleft()
-                        size = sum(len(p) for p in parts)
                     else:
                         break
                 for chunk in _coalesce(parts):
                     self._write_all(chunk)
-                if not size:
-                    continue
+                if urgent:
+                    continue  # not counted in _queued
+                size = sum(len(p) for p in parts)
                 with self._cond:
                     self._queued -= size
                     low = self._queued <= SEND_BUFFER
