@@ -64,6 +64,8 @@ def test_a_verify_shows_how_far_it_has_come_and_a_second_one_waits_its_turn(demo
         first = _verify_in_background(demo)
         v = _listing(demo)
         assert (v["node"], v["files"], v["bytes"], v["listed_bytes"]) == ("secondary", 2, 300_001, 0)
+        shown = nf("status", "--config", str(demo.config)).stdout
+        assert "verify running" in shown and "listing secondary, 0 B of 293.0 KiB hashed" in shown, shown
         second = nf("verify", "--config", str(demo.config), "--json", check=False)
         assert second.returncode == 1, second.stdout + second.stderr
         assert "already running" in json.loads(second.stdout)["error"]["message"]

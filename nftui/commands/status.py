@@ -53,7 +53,16 @@ def render(doc: dict[str, Any]) -> Table:
             _queue(n["receive_queue_records"], n["receive_queue_bytes"]),
             str(n["applied_seq"]), f"{n['lag_seconds']:.2f} s", n.get("last_error") or "",
         )
+    if doc.get("verify"):
+        table.caption, table.caption_justify = _verifying(doc["verify"]), "left"
     return table
+
+
+def _verifying(v: dict[str, Any]) -> str:
+    """A running verify as "verify running 31 s: listing secondary, 1.2 GiB of 2.5 GiB hashed"."""
+    hashed = (f", {_bytes(v['listed_bytes'])} of {_bytes(v['bytes'])} hashed"
+              if v["step"] in ("listing", "checking again") else "")
+    return f"verify{' --repair' if v['repair'] else ''} running {v['seconds']:.0f} s: {v['step']} {v['node']}{hashed}"
 
 
 def _progress(sync: dict[str, Any] | None) -> str:
