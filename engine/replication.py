@@ -308,7 +308,11 @@ class Sender:
         source = hello.get("journal_id")
         p = self.progress
         start = self._start_position(applied if isinstance(applied, int) else 0, source)
-        dirty = {row[0] for row in self.db.execute("SELECT path FROM dirty WHERE node=?", (p.node,))}
+        rows = self.db.execute("SELECT rowid, path FROM dirty WHERE node=?", (p.node,)).fetchall()
+        dirty = {path for _, path in rows}
+        # Only the entries read here are done with once the resync ends: the link this replaced
+        # may spill again meanwhile, and its entries (new rowids: the spill replaces) must stay.
+        read_upto = max((rowid for rowid, _ in rows), default=0)
         if start is None or dirty:
             head = self.state.journal_head()
             if start is None:
@@ -319,8 +323,7 @@ class Sender:
                 dirty |= self.state.journal_paths_after(start, upto=head)
                 paths = sorted(x for x in dirty if not has_ancestor_in(x, dirty))
                 await self.sync(paths, head, reason="dirty-path resync")
-            await asyncio.to_thread(self.db.execute, "DELETE FROM dirty WHERE node=?", (p.node,))
-            p.dirty_paths = 0
+            p.dirty_paths = await asyncio.to_thread(_done_with_dirty, self.db, p.node, read_upto)
             start = head
         await self.stream(start)
 
@@ -332,7 +335,9 @@ class Sender:
         head = self.state.journal_head()
         if applied > head:
             return None
-        if lowest is not None and applied < lowest - 1:
+        # Records after `applied` are gone (spilled to the dirty list and truncated), also when
+        # the journal holds none at all: streaming from there would send nothing, for ever.
+        if applied < head and (lowest is None or applied < lowest - 1):
             has_dirty = self.db.execute("SELECT 1 FROM dirty WHERE node=? LIMIT 1", (self.progress.node,)).fetchone()
             if not has_dirty:
                 return None
@@ -521,6 +526,10 @@ class Receiver:
         self.queued = asyncio.Event()
         self.applied_event = asyncio.Event()
         self.apply_lock = asyncio.Lock()
+        # One batch at a time, whichever link it came on: a link the active replaced (it closes
+        # one to spill a backlog) may still be queuing its last batch while the new one brings
+        # the next, and both ran on the one database connection.
+        self.recv_lock = asyncio.Lock()
         self.early_flush = EarlyFlush(node.root)
         self.received_seq = state.get_int("received_seq", state.get_int("applied_seq"))
         self.link: Link | None = None
@@ -535,6 +544,10 @@ class Receiver:
 
     async def on_recs(self, msg: Message) -> None:
         """Queue a batch durably, dropping records already held and refusing a sequence gap."""
+        async with self.recv_lock:
+            await self._on_recs(msg)
+
+    async def _on_recs(self, msg: Message) -> None:
         fresh = []
         expected = self.received_seq + 1
         for record in unpack_batch(msg):
@@ -625,7 +638,11 @@ class Receiver:
         return listed, kept
 
     async def drained(self) -> None:
-        while self.state.db.execute("SELECT 1 FROM recvq LIMIT 1").fetchone():
+        """Until every queued record has been applied, or belongs to the unit being applied, whose
+        end has not arrived: a group of data records cut off where the active spilled this
+        passive's backlog ends the queue for good, and the resync that asked this ships its file
+        again (its `level` record then drops the part). Waiting for that end waited for ever."""
+        while self.state.db.execute("SELECT 1 FROM recvq WHERE id > ? LIMIT 1", (self._pos,)).fetchone():
             self.applied_event.clear()
             await self.applied_event.wait()
 
@@ -684,6 +701,7 @@ class Receiver:
             try:
                 if op == "level":
                     done_seq, journal_id, complete = int(meta["head"]), str(meta["journal_id"]), True
+                    self.applier.discard_stages()  # a unit cut off before it (see `drained`) never ends
                 else:
                     complete = self.applier.apply(op, meta, bytes(data))
             except (PathError, ProtocolError) as exc:
@@ -741,9 +759,13 @@ def _subject(meta: dict[str, Any]) -> str:
 def _enqueue(db: sqlite3.Connection, records: list[tuple[int | None, str, dict[str, Any], bytes, float]],
              received: int) -> None:
     db.execute("BEGIN IMMEDIATE")
-    db.executemany(INSERT_RECVQ, [(seq, op, json.dumps(meta), data, len(data) + 64, ts)
-                                  for seq, op, meta, data, ts in records])
-    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('received_seq', ?)", (str(received),))
+    try:
+        db.executemany(INSERT_RECVQ, [(seq, op, json.dumps(meta), data, len(data) + 64, ts)
+                                      for seq, op, meta, data, ts in records])
+        db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES('received_seq', ?)", (str(received),))
+    except BaseException:
+        db.execute("ROLLBACK")  # a transaction left open made every later batch fail
+        raise
     db.execute("COMMIT")
 
 
@@ -847,6 +869,12 @@ def _shipped_manifest(state: State, cluster: "ClusterConfig", paths: Iterable[st
         return out
     finally:
         db.close()
+
+
+def _done_with_dirty(db: sqlite3.Connection, node: str, upto: int) -> int:
+    """Drop the dirty entries of `node` up to rowid `upto`; the number left."""
+    db.execute("DELETE FROM dirty WHERE node=? AND rowid <= ?", (node, upto))
+    return int(db.execute("SELECT COUNT(*) FROM dirty WHERE node=?", (node,)).fetchone()[0])
 
 
 def _keep_hashes(db: sqlite3.Connection, entries: list[Entry]) -> None:

@@ -273,7 +273,9 @@ def journal_upkeep(db: sqlite3.Connection, journal_id: str | None, acked: dict[s
             if size > limit:
                 head = journal_head(db)
                 paths = journal_paths_after(db, applied, upto=head)
-                db.executemany("INSERT OR IGNORE INTO dirty(node, path) VALUES(?, ?)", [(node, x) for x in paths])
+                # Replaced, not ignored: a path listed again gets a new rowid, so a resync that
+                # read the list before this spill keeps it (Sender.run deletes only what it read).
+                db.executemany("INSERT OR REPLACE INTO dirty(node, path) VALUES(?, ?)", [(node, x) for x in paths])
                 received = applied = head
                 (listed,) = db.execute("SELECT COUNT(*) FROM dirty WHERE node=?", (node,)).fetchone()
                 spilled[node] = (head, len(paths), listed)

@@ -306,3 +306,70 @@ def test_a_progress_report_that_makes_no_sense_is_refused(fields: dict[str, Any]
         waiter.on_message(Message("manifest_progress", 1, {"id": rid, **fields}))
     with pytest.raises(ProtocolError, match=error):
         asyncio.run(go())
+
+
+def test_a_resync_after_a_spill_that_cut_a_file_in_two_is_answered_and_drops_the_part(tmp_path: Path) -> None:
+    """The active spilled this passive's backlog after sending the first data records of a large
+    file: their end never comes. The dirty-path resync's manifest request waited for the queue
+    to drain, which waited for that end: the resync (and the passive) stood still for good."""
+    rx, data = _receiver(tmp_path)
+    (data / "big").write_bytes(b"old" * 1000)
+    _queue(rx, ("data", {"path": "srv/data/big", "gid": 9, "offset": 0, "fresh": True}, b"n" * 8192),
+           ("data", {"path": "srv/data/big", "gid": 9, "offset": 8192, "fresh": True}, b"n" * 8192))
+    assert rx._apply_batch()  # applied into the file's stage, which waits for its "file" record
+    (listed, _), _ = _ask_entries(rx, path="srv/data")  # the resync's manifest request is answered
+    assert {e.path: e.size for e in listed}["srv/data/big"] == 3000  # the old version, still whole
+    # The resync ships the file again (sync records carry no sequence), then marks the passive level.
+    _enqueue(rx.db, [(None, "file", {"path": "srv/data/big", "gid": None, "size": 5, "mode": 0o644, "mtime_ns": 0,
+                                     "fresh": False}, b"fresh", 0.0),
+                     (None, "level", {"journal_id": "j2", "head": 40}, b"", 0.0)], 40)
+    while rx._apply_batch():
+        pass
+    assert (data / "big").read_bytes() == b"fresh"
+    assert rx.state.get_int("applied_seq") == 40
+    assert rx.db.execute("SELECT COUNT(*) FROM recvq").fetchone()[0] == 0
+    stages = [p for p in data.rglob("*") if rx.applier.stage_name in p.parts and p.is_file()]
+    assert stages == [], "the cut-off part is dropped, not left in the stage directory"
+
+
+def test_batches_from_a_replaced_link_and_its_successor_are_queued_one_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    """The active closes a link to spill a backlog and dials again: the old link's last batch
+    was still being queued when the new link's first came, both on one database connection.
+    The second failed ("cannot start a transaction within a transaction") and every batch
+    after it too, and the passive stood still for good."""
+    import threading
+
+    from engine import replication
+    from engine.replication import pack_batch
+
+    rx, _ = _receiver(tmp_path)
+    first_started, release = threading.Event(), threading.Event()
+    real = replication._enqueue
+
+    def held_enqueue(db: Any, records: Any, received: int) -> None:
+        if not first_started.is_set():
+            first_started.set()
+            db.execute("BEGIN IMMEDIATE")  # as the real one does first
+            release.wait(10)
+            db.execute("ROLLBACK")
+        real(db, records, received)
+
+    monkeypatch.setattr(replication, "_enqueue", held_enqueue)
+
+    def batch(first: int, last: int) -> Message:
+        fields, parts = pack_batch([(seq, "mkdir", {"path": f"srv/data/d{seq}", "mode": 0o755, "mtime_ns": 0}, b"", 0.0)
+                                    for seq in range(first, last + 1)])
+        return Message("recs", 1, fields, b"".join(parts))
+
+    async def two_links() -> None:
+        old = asyncio.ensure_future(rx.on_recs(batch(1, 5)))
+        await asyncio.to_thread(first_started.wait, 10)
+        new = asyncio.ensure_future(rx.on_recs(batch(3, 8)))  # resent from the passive's hello
+        await asyncio.sleep(0)
+        release.set()
+        async with asyncio.timeout(20):
+            await asyncio.gather(old, new)
+
+    asyncio.run(two_links())
+    assert [r[0] for r in rx.db.execute("SELECT seq FROM recvq ORDER BY id")] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert rx.received_seq == 8

@@ -73,3 +73,63 @@ def test_the_window_still_holds_back_a_passive_that_does_not_ack(tmp_path: Path)
     count, waiting = asyncio.run(story())
     assert waiting, "a send beyond the window must wait for an ack"
     assert count == WINDOW_BYTES // (8 << 20) + 2
+
+
+def test_paths_spilled_again_while_a_resync_runs_stay_in_the_dirty_list(tmp_path: Path) -> None:
+    """A resync ended by deleting its passive's whole dirty list, also what a spill had put
+    there meanwhile (the active spills a backlog and closes the link while the resync of the
+    link before is still finishing): those changes never reached the passive, which stood at an
+    old sequence with nothing left to send."""
+    import json
+
+    from engine.state import INSERT_JOURNAL, journal_upkeep
+
+    async def story() -> tuple[list[str], set[str], int]:
+        sender, link, progress = _sender(tmp_path)
+        link.hello = {"journal_id": "journal", "received_seq": 0}
+        db = sender.db
+
+        def spill(*paths: str) -> None:
+            for path in paths:
+                db.execute(INSERT_JOURNAL, ("attr", json.dumps({"path": path}), b"", 0, 0.0))
+            journal_upkeep(db, "journal", {"secondary": (0, 0)}, limit=-1)
+
+        spill("srv/data/a")
+        resynced: list[str] = []
+
+        async def resync(paths: list[str], head: int, *, reason: str) -> list[Any]:
+            resynced.extend(paths)
+            spill("srv/data/a", "srv/data/b")  # changed again, and spilled again, meanwhile
+            return []
+
+        async def stream(cursor: int) -> None:
+            return None
+
+        sender.sync, sender.stream = resync, stream  # type: ignore[method-assign]
+        await sender.run()
+        left = {row[0] for row in db.execute("SELECT path FROM dirty WHERE node='secondary'")}
+        return resynced, left, progress.dirty_paths
+
+    resynced, left, counted = asyncio.run(story())
+    assert "srv/data/a" in resynced
+    assert left == {"srv/data/a", "srv/data/b"} and counted == 2
+
+
+def test_a_passive_whose_records_were_truncated_from_an_empty_journal_is_not_streamed_from_nothing(
+        tmp_path: Path) -> None:
+    """With every record after the passive's position spilled and the journal truncated empty,
+    streaming from that position sent nothing, for ever: it needs a sync, or its dirty list."""
+    import json
+
+    from engine.state import INSERT_JOURNAL
+
+    sender, _, progress = _sender(tmp_path)
+    for _ in range(10):
+        sender.db.execute(INSERT_JOURNAL, ("attr", json.dumps({"path": "srv/data/a"}), b"", 0, 0.0))
+    assert sender._start_position(5, "journal") == 5  # the journal still holds 6..10
+    sender.db.execute("DELETE FROM journal")
+    assert sender._start_position(10, "journal") == 10  # level: nothing missing
+    assert sender._start_position(5, "journal") is None  # 6..10 are gone: a sync
+    sender.db.execute("INSERT INTO dirty(node, path) VALUES('secondary', 'srv/data/a')")
+    progress.acked_applied = 10
+    assert sender._start_position(5, "journal") == 10  # its dirty list is resynced first
