@@ -571,6 +571,7 @@ class Agent:
                 p.acked_received = max(p.acked_received, msg.get("received", int))
                 p.acked_applied = max(p.acked_applied, msg.get("applied", int))
                 p.source = msg.get("source", str, optional=True)
+                p.level = msg.get("level", str, optional=True)
                 p.ack_event.set()
         elif t == "manifest_req":
             if self.receiver is None:

@@ -13,6 +13,7 @@ import collections
 import itertools
 import json
 import logging
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -52,7 +53,7 @@ MANIFEST_PATHS_BYTES = 256 << 10
 PROGRESS_INTERVAL = 0.5
 #: What this node's protocol does beyond what every version does, listed in its hello so a
 #: newer peer asks nothing of an older one that it would not understand.
-FEATURES = ("manifest_paths", "manifest_split")
+FEATURES = ("manifest_paths", "manifest_split", "level_ack")
 
 Record = tuple[str, dict[str, Any], bytes]
 
@@ -224,6 +225,7 @@ class PeerProgress:
     acked_applied: int = 0
     journal_id: str | None = None
     source: str | None = None  # the journal the passive last applied a level record of
+    level: str | None = None  # the `sync` token of the last level record the passive applied
     dirty_paths: int = 0  # in its dirty list: counted when it changes, not on every status
     sync: "SyncProgress | None" = None  # while a sync or resync runs
     ack_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -360,6 +362,15 @@ class Sender:
         it level at journal `head`."""
         p = self.progress
         p.source, p.sync = None, SyncProgress(reason, len(paths))
+        # The passive has long said `source` equals our journal (since its last sync) and says
+        # so on every ack, also on acks of what it queued before this level: a token says
+        # which level it applied. A passive without `level_ack` sends none, and its `source`
+        # stands in (as before).
+        token = secrets.token_hex(8)
+        tokens = "level_ack" in (self.link.hello.get("features") or ())
+
+        def level() -> bool:
+            return p.level == token if tokens else p.source == self.journal_id
         self.on_event("info", "sync_started", f"{reason} of {p.node}: {len(paths)} path(s), journal at {head}")
         t0 = time.monotonic()
         total: list[Difference] = []
@@ -372,14 +383,19 @@ class Sender:
                 p.sync.start_group(len(group), differences)
                 hashed.extend(await self.ship_repairs(differences))
                 p.sync.end_group()
-            await self._send([(None, "level", {"journal_id": self.journal_id, "head": head}, b"", time.time())])
+            await self._send([(None, "level", {"journal_id": self.journal_id, "head": head, "sync": token}, b"",
+                               time.time())])
             # The hashes read on the way are kept while the passive finishes applying, and the
             # passive counts as level once it has, whether or not they are written yet: for
             # 20,000 files that write took 0.16-0.24 s, longer than the passive's last apply.
             keeping = asyncio.ensure_future(asyncio.to_thread(_keep_hashes, self.db, hashed))
-            while p.source != self.journal_id and not self.link.closed:  # level once it is *applied*
+            while not level() and not self.link.closed:  # level once it is *applied*
                 p.ack_event.clear()
                 await p.ack_event.wait()
+            if not level():
+                # Not done: its caller must keep the dirty list, which the frames still queued
+                # when the link closed may never have repaired.
+                raise ConnectionResetError(f"channel to {p.node} closed before it was level")
         finally:
             p.sync = None
             if keeping is not None:
@@ -537,6 +553,7 @@ class Receiver:
         self._pos = 0
         self._done_seq = state.get_int("applied_seq")
         self._done_id = 0
+        self._level: str | None = None  # the `sync` token of the last level record applied
 
     @property
     def journal_id(self) -> str | None:
@@ -556,6 +573,8 @@ class Receiver:
                 head = meta.get("head")
                 if not isinstance(head, int) or isinstance(head, bool) or head < 0:
                     raise ProtocolError("level.head: expected a non-negative int")
+                if not isinstance(meta.get("sync", ""), str):
+                    raise ProtocolError("level.sync: expected a string")
                 expected = head + 1
             elif seq is not None:
                 if seq < expected:
@@ -579,8 +598,9 @@ class Receiver:
     async def _ack(self) -> None:
         if self.link is not None and not self.link.closed:
             try:
+                level = {"level": self._level} if self._level is not None else {}
                 await self.link.send("ack", {"received": self.received_seq, "applied": self._done_seq,
-                                             "source": self.journal_id})
+                                             "source": self.journal_id, **level})
             except (ConnectionError, OSError):
                 pass
 
@@ -691,16 +711,16 @@ class Receiver:
         if not rows:
             return False
         deadline = time.monotonic() + 0.1
-        done_id, done_seq, journal_id = self._done_id, self._done_seq, None
+        done_id, done_seq, level = self._done_id, self._done_seq, None  # level: (journal_id, sync) applied
         for rid, seq, op, meta_json, data in rows:
             meta = json.loads(meta_json)
             if done_id != self._done_id and self.applier.needs_commit_before(op, meta):
-                self._commit(done_id, done_seq, journal_id)
-                journal_id = None
+                self._commit(done_id, done_seq, level)
+                level = None
             self._pos = rid
             try:
                 if op == "level":
-                    done_seq, journal_id, complete = int(meta["head"]), str(meta["journal_id"]), True
+                    done_seq, level, complete = int(meta["head"]), (str(meta["journal_id"]), meta.get("sync")), True
                     self.applier.discard_stages()  # a unit cut off before it (see `drained`) never ends
                 else:
                     complete = self.applier.apply(op, meta, bytes(data))
@@ -722,10 +742,10 @@ class Receiver:
                 break
         self.applier.end_batch()
         if done_id != self._done_id:
-            self._commit(done_id, done_seq, journal_id)
+            self._commit(done_id, done_seq, level)
         return True  # progress, a unit still in progress, or a retry after an I/O error
 
-    def _commit(self, done_id: int, done_seq: int, journal_id: str | None) -> None:
+    def _commit(self, done_id: int, done_seq: int, level: tuple[str, str | None] | None) -> None:
         """Make what was applied durable, then record it applied: a crash replays only after it."""
         syncfs(self.node.root)
         db = self.apply_db
@@ -733,12 +753,14 @@ class Receiver:
         self.held.flush()
         db.execute("DELETE FROM recvq WHERE id <= ?", (done_id,))
         values = [("applied_seq", str(done_seq))]
-        if journal_id is not None:
-            values.append(("source_journal_id", journal_id))
+        if level is not None:
+            values.append(("source_journal_id", level[0]))
         db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", values)
         db.execute("COMMIT")
         self.applier.committed()
         self._done_id, self._done_seq = done_id, done_seq
+        if level is not None:
+            self._level = level[1]
 
     def state_event(self, level: str, kind: str, message: str) -> None:
         try:

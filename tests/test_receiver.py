@@ -51,9 +51,9 @@ def _commits(rx: Receiver, data: Path, monkeypatch) -> list[tuple[int, list[str]
     seen: list[tuple[int, list[str]]] = []
     commit = rx._commit
 
-    def spy(done_id: int, done_seq: int, journal_id: str | None) -> None:
+    def spy(done_id: int, done_seq: int, level: Any) -> None:
         seen.append((done_seq, sorted(str(p.relative_to(data)) for p in data.rglob("*"))))
-        commit(done_id, done_seq, journal_id)
+        commit(done_id, done_seq, level)
 
     monkeypatch.setattr(rx, "_commit", spy)
     return seen
@@ -97,10 +97,10 @@ def test_a_passive_killed_before_its_commit_replays_log_rotation_without_losing_
            ("rename", {"path": "srv/data/log", "dst": "srv/data/log.1"}), *new_log)
     commit = rx._commit
 
-    def crash_at_the_last(done_id: int, done_seq: int, journal_id: str | None) -> None:
+    def crash_at_the_last(done_id: int, done_seq: int, level: Any) -> None:
         if done_seq == 2 + len(new_log):
             raise Crash
-        commit(done_id, done_seq, journal_id)
+        commit(done_id, done_seq, level)
 
     monkeypatch.setattr(rx, "_commit", crash_at_the_last)
     with pytest.raises(Crash):
@@ -373,3 +373,46 @@ def test_batches_from_a_replaced_link_and_its_successor_are_queued_one_at_a_time
     asyncio.run(two_links())
     assert [r[0] for r in rx.db.execute("SELECT seq FROM recvq ORDER BY id")] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert rx.received_seq == 8
+
+
+def test_acks_name_the_level_record_applied_only_once_it_is(tmp_path: Path) -> None:
+    """A passive that was level once says `source` is the active's journal on every ack from
+    then on, also on acks of what it queued before a new resync's `level` record: the active
+    took that for the new level and dropped the dirty list it was still repairing."""
+    from engine.replication import pack_batch
+
+    class Acks:
+        closed = False
+
+        def __init__(self) -> None:
+            self.sent: list[dict[str, Any]] = []
+
+        async def send(self, type_: str, fields: dict[str, Any] | None = None, parts: Any = ()) -> None:
+            self.sent.append(dict(fields or {}))
+
+    rx, data = _receiver(tmp_path)
+    rx.state.put(source_journal_id="j1")  # level with j1 since an earlier sync
+    rx.link = link = Acks()  # type: ignore[assignment]
+
+    async def receive(*records: tuple[int | None, str, dict[str, Any]]) -> dict[str, Any]:
+        fields, parts = pack_batch([(seq, op, meta, b"", 0.0) for seq, op, meta in records])
+        await rx.on_recs(Message("recs", 1, fields, b"".join(parts)))
+        while rx._apply_batch():
+            await rx._ack()
+        return link.sent[-1]
+
+    mkdir = {"mode": 0o755, "mtime_ns": 0}
+    before = asyncio.run(receive((1, "mkdir", {"path": "srv/data/a", **mkdir})))
+    assert before["source"] == "j1" and "level" not in before
+    after = asyncio.run(receive((None, "mkdir", {"path": "srv/data/b", **mkdir}),
+                                (None, "level", {"journal_id": "j1", "head": 1, "sync": "t2"})))
+    assert after["level"] == "t2" and (data / "b").is_dir()
+
+
+def test_a_level_record_with_a_token_that_is_not_a_string_is_refused(tmp_path: Path) -> None:
+    from engine.replication import pack_batch
+
+    rx, _ = _receiver(tmp_path)
+    fields, parts = pack_batch([(None, "level", {"journal_id": "j1", "head": 1, "sync": 7}, b"", 0.0)])
+    with pytest.raises(ProtocolError, match="level.sync: expected a string"):
+        asyncio.run(rx.on_recs(Message("recs", 1, fields, b"".join(parts))))

@@ -133,3 +133,85 @@ def test_a_passive_whose_records_were_truncated_from_an_empty_journal_is_not_str
     sender.db.execute("INSERT INTO dirty(node, path) VALUES('secondary', 'srv/data/a')")
     progress.acked_applied = 10
     assert sender._start_position(5, "journal") == 10  # its dirty list is resynced first
+
+
+def _level_sent(link: RecordingLink) -> dict[str, Any] | None:
+    for type_, fields in link.sent:
+        for head in fields.get("records", []) if type_ == "recs" else []:
+            if head["op"] == "level":
+                return head["meta"]
+    return None
+
+
+async def _until(check: Any) -> None:
+    async with asyncio.timeout(10):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+def _resync_ships_nothing(sender: Sender) -> None:
+    async def nothing(*args: Any, **kwargs: Any) -> list[Any]:
+        return []
+
+    sender._compare = sender.ship_repairs = nothing  # type: ignore[method-assign]
+
+
+def test_a_resync_ends_when_its_own_level_record_is_applied_not_on_an_older_acks_word(tmp_path: Path) -> None:
+    """A passive level since an earlier sync says so (`source`) on every ack, also on acks of
+    what it queued before this resync's `level` record: the resync took the first such ack for
+    its end, dropped the dirty list, and a spill that closed the link then lost what was still
+    on its way (a renamed directory's old name stayed on the passive)."""
+    async def story() -> tuple[bool, bool]:
+        sender, link, progress = _sender(tmp_path)
+        link.hello = {"features": ["level_ack"]}
+        _resync_ships_nothing(sender)
+        resync = asyncio.ensure_future(sender.sync(["srv/data"], 7, reason="dirty-path resync"))
+        await _until(lambda: _level_sent(link) is not None)
+        progress.source = "journal"  # an ack of records queued before the level record
+        progress.ack_event.set()
+        await asyncio.sleep(0.05)
+        waited = not resync.done()
+        progress.level = _level_sent(link)["sync"]  # type: ignore[index]
+        progress.ack_event.set()
+        await _until(resync.done)
+        return waited, resync.exception() is None
+
+    waited, ended = asyncio.run(story())
+    assert waited, "an ack from before the level record must not end the resync"
+    assert ended
+
+
+def test_a_passive_without_level_tokens_is_level_once_it_names_the_journal(tmp_path: Path) -> None:
+    async def story() -> None:
+        sender, link, progress = _sender(tmp_path)
+        link.hello = {"features": ["manifest_paths"]}  # an older passive
+        _resync_ships_nothing(sender)
+        resync = asyncio.ensure_future(sender.sync(["srv/data"], 7, reason="dirty-path resync"))
+        await _until(lambda: _level_sent(link) is not None)
+        progress.source = "journal"
+        progress.ack_event.set()
+        await _until(resync.done)
+        resync.result()
+
+    asyncio.run(story())
+
+
+def test_a_resync_cut_off_before_its_level_record_was_applied_keeps_the_dirty_list(tmp_path: Path) -> None:
+    """The link closes (a spill, a network fault) with repairs still in its send buffer: the
+    resync is not done, and the paths it was repairing must stay listed for the next one."""
+    async def story() -> tuple[BaseException | None, set[str]]:
+        sender, link, progress = _sender(tmp_path)
+        link.hello = {"journal_id": "journal", "received_seq": 0, "features": ["level_ack"]}
+        sender.db.execute("INSERT INTO dirty(node, path) VALUES('secondary', 'srv/data/old-name')")
+        _resync_ships_nothing(sender)
+        run = asyncio.ensure_future(sender.run())
+        await _until(lambda: _level_sent(link) is not None)
+        link.closed = True  # the passive's last ack arrives after the close
+        progress.ack_event.set()
+        await _until(run.done)
+        left = {row[0] for row in sender.db.execute("SELECT path FROM dirty WHERE node='secondary'")}
+        return run.exception(), left
+
+    failure, left = asyncio.run(story())
+    assert isinstance(failure, ConnectionResetError)
+    assert left == {"srv/data/old-name"}
