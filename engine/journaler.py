@@ -192,12 +192,17 @@ class Journaler:
 
     def _look_again(self, old: Entry, dst: str) -> Change | None:
         """What to look at again at `dst` if what is there now is not the `old` version the
-        rename record carried there."""
+        rename record carried there.
+
+        A directory is looked at again whole (a walk that hashes only what differs from what
+        was shipped): what was read below its old name may already have been what was made
+        there after the rename, and the rename record then carried that (log rotation of a
+        directory: the new files' content ended up in the rotated one on the passive)."""
         st = self._lstat(dst)
         if st is None:
             return Change("examine", dst)  # moved on or gone: its event carries or drops this
         if stat.S_ISDIR(st.st_mode):
-            return None if old.kind == "dir" else Change("rescan", dst, is_dir=True)
+            return Change("rescan", dst, is_dir=True)
         kind = "file" if stat.S_ISREG(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) else None
         if kind != old.kind or st.st_mtime_ns != old.mtime_ns or (kind == "file" and st.st_size != old.size):
             return Change("examine", dst)

@@ -243,3 +243,26 @@ def test_a_block_changed_and_changed_back_while_the_journaler_reads_it_reaches_t
         assert_level(p.active, p.passive)
     finally:
         p.close()
+
+
+def test_files_read_at_a_directorys_old_name_after_it_was_renamed_and_made_again_are_looked_at_again(
+        tmp_path: Path) -> None:
+    """The journaler read `d/g` late, after `d` had been renamed to `r` and a new `d/g`
+    written: the record carried the new file's content, and the rename then moved it to `r/g`
+    on the passive, where the old content belongs (log rotation of a directory)."""
+    p = Pipeline(tmp_path)
+    try:
+        data = p.active / "srv/data"
+        (data / "d").mkdir()
+        p.settle()
+        (data / "d/g").write_bytes(b"old" * 100)
+        p.read()  # its events are in, and the journaler gets to them only after:
+        os.rename(data / "d", data / "r")
+        (data / "d").mkdir()
+        (data / "d/g").write_bytes(b"new" * 70)
+        p.journal()
+        p.settle()
+        assert (p.passive / "srv/data/r/g").read_bytes() == b"old" * 100
+        assert_level(p.active, p.passive)
+    finally:
+        p.close()
