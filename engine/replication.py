@@ -554,6 +554,7 @@ class Receiver:
         self._done_seq = state.get_int("applied_seq")
         self._done_id = 0
         self._level: str | None = None  # the `sync` token of the last level record applied
+        self._answering: set[asyncio.Task[None]] = set()
 
     @property
     def journal_id(self) -> str | None:
@@ -614,7 +615,18 @@ class Receiver:
             raise ProtocolError(f"manifest_req.paths: expected a list of 1 to {MANIFEST_PATHS} path strings")
         with_kept = bool(msg.get("kept", bool, optional=True))  # an active of an older version drops them
         progress = bool(msg.get("progress", bool, optional=True))
-        asyncio.ensure_future(self._send_manifest(link, rid, paths, with_kept, progress))
+        task = asyncio.ensure_future(self._send_manifest(link, rid, paths, with_kept, progress))
+        self._answering.add(task)  # held until done: the loop keeps only a weak reference
+        task.add_done_callback(self._answered)
+
+    def _answered(self, task: "asyncio.Task[None]") -> None:
+        self._answering.discard(task)
+        exc = None if task.cancelled() else task.exception()
+        # A link closed meanwhile (the active spilled this passive's backlog) ends its answer;
+        # the active asks again on the next one.
+        if exc is not None and not isinstance(exc, (ConnectionError, OSError)):
+            log.error("answering a manifest request failed: %r", exc, exc_info=exc)
+            self.last_error = f"manifest: {exc}"
 
     async def _send_manifest(self, link: Link, rid: int, paths: list[str], with_kept: bool, progress: bool) -> None:
         """List and hash the paths in a thread; with `progress`, say every PROGRESS_INTERVAL how

@@ -416,3 +416,32 @@ def test_a_level_record_with_a_token_that_is_not_a_string_is_refused(tmp_path: P
     fields, parts = pack_batch([(None, "level", {"journal_id": "j1", "head": 1, "sync": 7}, b"", 0.0)])
     with pytest.raises(ProtocolError, match="level.sync: expected a string"):
         asyncio.run(rx.on_recs(Message("recs", 1, fields, b"".join(parts))))
+
+
+@pytest.mark.parametrize("failure, reported", [(ConnectionResetError("peer closed the channel"), False),
+                                               (RuntimeError("a bug"), True)])
+def test_an_answer_cut_off_by_a_closed_link_is_let_go_and_any_other_failure_is_reported(
+        tmp_path: Path, failure: Exception, reported: bool) -> None:
+    """The active closes a link to spill a backlog while the passive answers its manifest
+    request: every such spill logged "Task exception was never retrieved" with a traceback."""
+    class Closing:
+        hello = {"features": list(FEATURES)}
+
+        async def send(self, type_: str, fields: dict[str, Any] | None = None, payload: bytes = b"") -> None:
+            raise failure
+
+    rx, _ = _receiver(tmp_path)
+    unhandled: list[dict[str, Any]] = []
+
+    async def go() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unhandled.append(context))
+        rx.on_manifest_req(Closing(), Message("manifest_req", 1, {"id": 1, "path": "srv/data"}))  # type: ignore[arg-type]
+        async with asyncio.timeout(10):
+            while rx._answering:
+                await asyncio.sleep(0.01)
+
+    asyncio.run(go())
+    import gc
+    gc.collect()  # where a task's unretrieved exception is reported
+    assert unhandled == []
+    assert ("a bug" in rx.last_error) is reported
