@@ -26,6 +26,7 @@ from engine.api import ApiServer
 from engine.applications import Applications
 from engine.apply import OPS
 from engine.buffers import trim_idle
+from engine.barrier import CaptureBarrier
 from engine.capture import Change, Coalescer, Watcher
 from engine.channel import Channel, Link
 from engine.config import ClusterConfig, NodeConfig, load_cluster, load_node, local_trees
@@ -84,6 +85,7 @@ class Agent:
         self.journal_wake: set[asyncio.Event] = set()
         self.receiver: Receiver | None = None
         self.watcher: Watcher | None = None
+        self.barrier: CaptureBarrier | None = None  # while capture runs
         self.coalescer = Coalescer()
         self.flush_needed = asyncio.Event()
         self._capture_stop = threading.Event()
@@ -243,6 +245,9 @@ class Agent:
             await asyncio.to_thread(self._capture_thread.join)
             self.watcher.close()
             self.watcher = None
+            if self.barrier is not None:
+                self.barrier.close()
+                self.barrier = None
             self._capture_stop = threading.Event()
             self.coalescer = Coalescer()
 
@@ -403,28 +408,35 @@ class Agent:
             for tree in self.cluster.protected:
                 self.coalescer.add(Change("rescan", tree.rel))
             self.flush_needed.set()
-        self._capture_thread = threading.Thread(target=self._capture, args=(asyncio.get_running_loop(),),
+        self.barrier = CaptureBarrier()
+        self._capture_thread = threading.Thread(target=self._capture, args=(asyncio.get_running_loop(), self.barrier),
                                                 name="capture", daemon=True)
         self._capture_thread.start()
         self._spawn_role(self._flush_loop())
         self._spawn_role(self._rescan_loop())
         self.capture_ready.set()
 
-    def _capture(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _capture(self, loop: asyncio.AbstractEventLoop, barrier: CaptureBarrier) -> None:
         """Read inotify in its own thread: scanning a new directory tree must not stall the loop."""
         assert self.watcher is not None
         fd = self.watcher.fileno()
         while not self._capture_stop.is_set():
-            ready, _, _ = select.select([fd], [], [], 0.2)
-            if not ready:
-                continue
+            ready, _, _ = select.select([fd, barrier.wake_fd], [], [], 0.2)
+            pokes = barrier.pokes  # the read below begins after every wait counted here
+            if barrier.wake_fd in ready:
+                barrier.woken()
+            if ready:
+                try:
+                    changes = self.watcher.read()
+                except OSError as exc:
+                    self.last_error = f"inotify read: {exc}"
+                    changes = [Change("rescan", t.rel) for t in self.cluster.protected]
+                if changes:
+                    loop.call_soon_threadsafe(self._on_changes, changes)
             try:
-                changes = self.watcher.read()
-            except OSError as exc:
-                self.last_error = f"inotify read: {exc}"
-                changes = [Change("rescan", t.rel) for t in self.cluster.protected]
-            if changes:
-                loop.call_soon_threadsafe(self._on_changes, changes)
+                loop.call_soon_threadsafe(barrier.captured, pokes)  # after the changes, in order
+            except RuntimeError:  # the loop is gone: the agent is stopping
+                return
 
     def _on_changes(self, changes: list[Change]) -> None:
         for change in changes:
@@ -433,6 +445,13 @@ class Agent:
             self.coalescer.add(change)
         if changes:
             self.flush_needed.set()
+
+    async def _journaled_now(self) -> int:
+        """The journal head once every change made on disk before this call is journaled."""
+        barrier = self.barrier
+        if barrier is not None:
+            await barrier.wait(lambda: not len(self.coalescer) and not barrier.flushing)
+        return self.state.journal_head()
 
     async def _flush_loop(self) -> None:
         delay = self.cluster.replication.coalesce_ms / 1000
@@ -444,7 +463,10 @@ class Agent:
             changes = self.coalescer.drain()
             if not changes:
                 continue
+            barrier = self.barrier
             try:
+                if barrier is not None:
+                    barrier.round_started()
                 done = await asyncio.to_thread(self.journaler.process, changes)
             except Exception as exc:
                 log.exception("journaling failed")
@@ -454,6 +476,9 @@ class Agent:
                 self.flush_needed.set()
                 await asyncio.sleep(1)
                 continue
+            finally:
+                if barrier is not None:
+                    barrier.round_done()
             if done.again:  # before what was captured while this batch was journaled
                 self.coalescer.put_back(done.again)
                 self.flush_needed.set()
@@ -518,7 +543,7 @@ class Agent:
             wake = asyncio.Event()
             self.journal_wake.add(wake)
             sender = Sender(link, self.state, self.cluster, self.node, progress, self.state.get("journal_id") or "",
-                            lambda: wake, waiter, self.event)
+                            lambda: wake, waiter, self.event, self._journaled_now)
             self.senders[link.node] = sender
             sender_task = asyncio.ensure_future(self._run_sender(sender))
             sender_task.add_done_callback(lambda t: self._sender_done(link, t))

@@ -16,7 +16,7 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +54,8 @@ PROGRESS_INTERVAL = 0.5
 #: What this node's protocol does beyond what every version does, listed in its hello so a
 #: newer peer asks nothing of an older one that it would not understand.
 FEATURES = ("manifest_paths", "manifest_split", "level_ack")
+#: A sync goes over what changed while it read at most this many times (see `Sender.sync`).
+SYNC_PASSES = 8
 
 Record = tuple[str, dict[str, Any], bytes]
 
@@ -287,7 +289,8 @@ class Sender:
 
     def __init__(self, link: Link, state: State, cluster: "ClusterConfig", node: "NodeConfig",
                  progress: PeerProgress, journal_id: str, wake: Callable[[], asyncio.Event],
-                 manifests: ManifestWaiter, on_event: Callable[..., None]) -> None:
+                 manifests: ManifestWaiter, on_event: Callable[..., None],
+                 settled: Callable[[], Awaitable[int]]) -> None:
         self.link = link
         self.state = state
         self.cluster = cluster
@@ -297,6 +300,7 @@ class Sender:
         self.wake = wake
         self.manifests = manifests
         self.on_event = on_event
+        self.settled = settled  # the journal head once every change made before the call is in it
         self.db = state.connect()
         self.settings = cluster.replication
         self.chunk = self.settings.chunk_bytes
@@ -359,9 +363,19 @@ class Sender:
 
     async def sync(self, paths: list[str], head: int, *, reason: str) -> list[Difference]:
         """Bring the passive level for these subtrees (none the ancestor of another), then mark
-        it level at journal `head`."""
+        it level at a journal head.
+
+        The sync reads the active's tree as it is when read, and the journal lags behind the
+        tree: a record after `head` may describe a change the sync already shipped. Replayed on
+        top of it, a rename moved what was made at its source since (a rotated directory held
+        the new files' content, a renamed file went missing). So after each pass, once the
+        journal holds every change made before the pass ended, the records since `head` that
+        touch none of the paths synced go to the passive as they are, and the paths of those
+        that do are synced again, read after every change those records describe. The passes
+        end when no record touched them; after SYNC_PASSES, the journal replays the last window.
+        """
         p = self.progress
-        p.source, p.sync = None, SyncProgress(reason, len(paths))
+        p.source = None
         # The passive has long said `source` equals our journal (since its last sync) and says
         # so on every ack, also on acks of what it queued before this level: a token says
         # which level it applied. A passive without `level_ack` sends none, and its `source`
@@ -371,18 +385,28 @@ class Sender:
 
         def level() -> bool:
             return p.level == token if tokens else p.source == self.journal_id
+
         self.on_event("info", "sync_started", f"{reason} of {p.node}: {len(paths)} path(s), journal at {head}")
         t0 = time.monotonic()
         total: list[Difference] = []
         hashed: list[Entry] = []
         keeping: asyncio.Future[None] | None = None
+        passes = 0
         try:
-            for group in self._groups(paths):
-                differences = await self._compare(group, trust_journal=True)
-                total.extend(differences)
-                p.sync.start_group(len(group), differences)
-                hashed.extend(await self.ship_repairs(differences))
-                p.sync.end_group()
+            while paths:
+                passes += 1
+                p.sync = SyncProgress(reason, len(paths))
+                for group in self._groups(paths):
+                    differences = await self._compare(group, trust_journal=passes == 1)
+                    total.extend(differences)
+                    p.sync.start_group(len(group), differences)
+                    hashed.extend(await self.ship_repairs(differences))
+                    p.sync.end_group()
+                if passes == SYNC_PASSES:
+                    break
+                settled = await self.settled()
+                paths = await self._send_window(head, settled, paths)
+                head = settled
             await self._send([(None, "level", {"journal_id": self.journal_id, "head": head, "sync": token}, b"",
                                time.time())])
             # The hashes read on the way are kept while the passive finishes applying, and the
@@ -400,9 +424,33 @@ class Sender:
             p.sync = None
             if keeping is not None:
                 await keeping  # streaming, which uses the same connection, starts after
-        self.on_event("info", "sync_done",
-                      f"{reason} of {p.node} sent {len(total)} difference(s) in {time.monotonic() - t0:.1f} s")
+        self.on_event("info", "sync_done", f"{reason} of {p.node} sent {len(total)} difference(s) in "
+                      f"{time.monotonic() - t0:.1f} s ({passes} pass(es)), level at journal {head}")
         return total
+
+    async def _send_window(self, after: int, upto: int, synced: list[str]) -> list[str]:
+        """Send the journal records in (after, upto] that touch none of the `synced` subtrees,
+        as sync records (the passive is not level yet); return the subtrees (none the ancestor
+        of another) that the others name."""
+        touches = _touching(synced)
+        again: set[str] = set()
+        cursor = after
+        while cursor < upto and not self.link.closed:
+            batch = [r for r in await asyncio.to_thread(read_journal, self.db, cursor, BATCH_RECORDS, self.batch_bytes)
+                     if r.seq <= upto]
+            if not batch:
+                break  # truncated by a spill, which closes the link: the level record never goes
+            out = []
+            for r in batch:
+                named = [r.meta["path"], r.meta["dst"]] if r.meta.get("dst") else [r.meta["path"]]
+                if any(touches(x) for x in named):
+                    again.update(named)
+                else:
+                    out.append((None, r.op, r.meta, r.data, r.ts))
+            if out:
+                await self._send(out)
+            cursor = batch[-1].seq
+        return sorted(x for x in again if not has_ancestor_in(x, again))
 
     async def compare(self, paths: list[str],
                       on_progress: Callable[[int, int, int], None] | None = None) -> list[Difference]:
@@ -903,6 +951,17 @@ def _shipped_manifest(state: State, cluster: "ClusterConfig", paths: Iterable[st
         return out
     finally:
         db.close()
+
+
+def _touching(paths: Iterable[str]) -> Callable[[str], bool]:
+    """Whether a path is one of `paths`, below one, or above one (a rename or delete of it moves them)."""
+    under = set(paths)
+    above = set()
+    for path in under:
+        while "/" in path:
+            path = path.rsplit("/", 1)[0]
+            above.add(path)
+    return lambda x: x in under or x in above or has_ancestor_in(x, under)
 
 
 def _done_with_dirty(db: sqlite3.Connection, node: str, upto: int) -> int:

@@ -32,8 +32,13 @@ def _sender(tmp_path: Path) -> tuple[Sender, RecordingLink, PeerProgress]:
     node = load_node(cfg.parent / "primary" / "node.toml", cluster)
     link, progress = RecordingLink(), PeerProgress("secondary")
     wake = asyncio.Event()
-    sender = Sender(link, State(node.state_dir), cluster, node, progress, "journal", lambda: wake,  # type: ignore[arg-type]
-                    ManifestWaiter(), lambda *a, **k: None)
+    state = State(node.state_dir)
+
+    async def settled() -> int:  # no capture here: the journal is all there is
+        return state.journal_head()
+
+    sender = Sender(link, state, cluster, node, progress, "journal", lambda: wake,  # type: ignore[arg-type]
+                    ManifestWaiter(), lambda *a, **k: None, settled)
     return sender, link, progress
 
 
@@ -215,3 +220,56 @@ def test_a_resync_cut_off_before_its_level_record_was_applied_keeps_the_dirty_li
     failure, left = asyncio.run(story())
     assert isinstance(failure, ConnectionResetError)
     assert left == {"srv/data/old-name"}
+
+
+def test_records_journaled_while_a_sync_read_are_synced_again_where_they_touch_it_and_sent_where_not(
+        tmp_path: Path) -> None:
+    """The sync read `a` after `a/l` had been renamed to `b/r`, but the rename was journaled
+    after the sync's head: replayed, it found no source, and `b/r` never reached the passive.
+    Such records are not replayed: their paths are synced again, read after the rename."""
+    import json
+
+    from engine.state import INSERT_JOURNAL
+
+    async def story() -> tuple[list[list[str]], list[tuple[Any, str]], dict[str, Any] | None]:
+        sender, link, progress = _sender(tmp_path)
+        link.hello = {"features": ["level_ack", "manifest_paths"]}
+        compared: list[list[str]] = []
+
+        def journal(op: str, **meta: Any) -> None:
+            sender.db.execute(INSERT_JOURNAL, (op, json.dumps(meta), b"", 64, 0.0))
+
+        async def compare(paths: list[str], **kwargs: Any) -> list[Any]:
+            compared.append(paths)
+            if len(compared) == 1:  # journaled while the first pass read the tree
+                journal("rename", path="srv/data/a/l", dst="srv/data/b/r")
+                journal("attr", path="srv/data/other", mode=0o644, mtime_ns=0)
+            return []
+
+        async def nothing(*args: Any, **kwargs: Any) -> list[Any]:
+            return []
+
+        sender._compare, sender.ship_repairs = compare, nothing  # type: ignore[method-assign]
+        resync = asyncio.ensure_future(sender.sync(["srv/data/a"], sender.state.journal_head(), reason="resync"))
+        await _until(lambda: _level_sent(link) is not None)
+        progress.level = _level_sent(link)["sync"]  # type: ignore[index]
+        progress.ack_event.set()
+        await _until(resync.done)
+        resync.result()
+        sent = [(head["seq"], head["op"]) for type_, fields in link.sent if type_ == "recs"
+                for head in fields["records"]]
+        return compared, sent, _level_sent(link)
+
+    compared, sent, level = asyncio.run(story())
+    assert compared == [["srv/data/a"], ["srv/data/a/l", "srv/data/b/r"]]
+    assert sent == [(None, "attr"), (None, "level")]  # the rename is not replayed
+    assert level is not None and level["head"] == 2
+
+
+def test_a_path_touches_what_is_synced_below_it_above_it_or_as_it_is() -> None:
+    from engine.replication import _touching
+
+    touches = _touching(["srv/data/a/b", "srv/data/c"])
+    assert [x for x in ["srv/data/a/b", "srv/data/a/b/f", "srv/data/a", "srv/data", "srv/data/c/d/e"] if touches(x)] \
+        == ["srv/data/a/b", "srv/data/a/b/f", "srv/data/a", "srv/data", "srv/data/c/d/e"]
+    assert not any(touches(x) for x in ["srv/data/a/bb", "srv/data/a/x", "srv/data/cc", "srv/other"])

@@ -57,6 +57,11 @@ def _up(demo: Demo) -> None:
     (demo.data("primary") / "b").write_text("b")
     demo.wait_equal(60, nodes=("secondary",))
 
+    def level() -> bool:  # equal trees may still await the sync's level record, which a frozen passive holds up
+        primary, secondary = _status(demo)["nodes"]
+        return secondary["applied_seq"] == primary["applied_seq"] and secondary["sync"] is None
+    wait_for(level, 60, "the secondary to be level")
+
 
 def test_a_verify_shows_how_far_it_has_come_and_a_second_one_waits_its_turn(demo: Demo) -> None:
     _up(demo)
