@@ -589,7 +589,7 @@ class Agent:
         elif t == "recs":
             if self.receiver is None or link.hello.get("role") != "active":
                 raise ProtocolError(f"recs from {link.node}, which is not the active")
-            await self.receiver.on_recs(msg)
+            await self.receiver.on_recs(msg, link)
         elif t == "ack":
             p = self.progress.get(link.node)
             if p is not None:

@@ -608,10 +608,16 @@ class Receiver:
     def journal_id(self) -> str | None:
         return self.state.get("source_journal_id")
 
-    async def on_recs(self, msg: Message) -> None:
-        """Queue a batch durably, dropping records already held and refusing a sequence gap."""
+    async def on_recs(self, msg: Message, link: Link) -> None:
+        """Queue a batch durably, dropping records already held and refusing a sequence gap.
+
+        A batch from a link the active has replaced is dropped: the active closed it (to spill
+        a backlog) with frames still on their way, and its successor starts from what this
+        passive's hello said it held. Queued after the new link's sync records, an old link's
+        records put back an older version of what the sync had just brought level."""
         async with self.recv_lock:
-            await self._on_recs(msg)
+            if link is self.link:
+                await self._on_recs(msg)
 
     async def _on_recs(self, msg: Message) -> None:
         fresh = []

@@ -151,6 +151,15 @@ class _Loopback:
         self.waiter.on_message(self.codec.decode_body(frame[4:]))
 
 
+class _Link:
+    """A link to the active that takes the passive's acks and does nothing with them."""
+
+    closed = False
+
+    async def send(self, type_: str, fields: dict[str, Any] | None = None, payload: bytes = b"") -> None:
+        pass
+
+
 def _ask_entries(rx: Receiver, features: tuple[str, ...] = FEATURES, **fields: Any) -> tuple[Listing, _Loopback]:
     async def go() -> tuple[Listing, _Loopback]:
         waiter = ManifestWaiter()
@@ -362,9 +371,11 @@ def test_batches_from_a_replaced_link_and_its_successor_are_queued_one_at_a_time
         return Message("recs", 1, fields, b"".join(parts))
 
     async def two_links() -> None:
-        old = asyncio.ensure_future(rx.on_recs(batch(1, 5)))
+        rx.link = old_link = _Link()  # type: ignore[assignment]
+        old = asyncio.ensure_future(rx.on_recs(batch(1, 5), old_link))  # type: ignore[arg-type]
         await asyncio.to_thread(first_started.wait, 10)
-        new = asyncio.ensure_future(rx.on_recs(batch(3, 8)))  # resent from the passive's hello
+        rx.link = new_link = _Link()  # type: ignore[assignment]
+        new = asyncio.ensure_future(rx.on_recs(batch(3, 8), new_link))  # type: ignore[arg-type]  # resent from the hello
         await asyncio.sleep(0)
         release.set()
         async with asyncio.timeout(20):
@@ -396,7 +407,7 @@ def test_acks_name_the_level_record_applied_only_once_it_is(tmp_path: Path) -> N
 
     async def receive(*records: tuple[int | None, str, dict[str, Any]]) -> dict[str, Any]:
         fields, parts = pack_batch([(seq, op, meta, b"", 0.0) for seq, op, meta in records])
-        await rx.on_recs(Message("recs", 1, fields, b"".join(parts)))
+        await rx.on_recs(Message("recs", 1, fields, b"".join(parts)), link)  # type: ignore[arg-type]
         while rx._apply_batch():
             await rx._ack()
         return link.sent[-1]
@@ -415,7 +426,7 @@ def test_a_level_record_with_a_token_that_is_not_a_string_is_refused(tmp_path: P
     rx, _ = _receiver(tmp_path)
     fields, parts = pack_batch([(None, "level", {"journal_id": "j1", "head": 1, "sync": 7}, b"", 0.0)])
     with pytest.raises(ProtocolError, match="level.sync: expected a string"):
-        asyncio.run(rx.on_recs(Message("recs", 1, fields, b"".join(parts))))
+        asyncio.run(rx.on_recs(Message("recs", 1, fields, b"".join(parts)), rx.link))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("failure, reported", [(ConnectionResetError("peer closed the channel"), False),
@@ -445,3 +456,32 @@ def test_an_answer_cut_off_by_a_closed_link_is_let_go_and_any_other_failure_is_r
     gc.collect()  # where a task's unretrieved exception is reported
     assert unhandled == []
     assert ("a bug" in rx.last_error) is reported
+
+
+def test_a_batch_still_arriving_on_a_link_the_active_replaced_is_dropped(tmp_path: Path) -> None:
+    """The active closed a link to spill a backlog while the passive still held frames of it:
+    applied after the next link's resync had brought a log level, an old link's records put it
+    back 300,000 bytes short, and the passive said it was level."""
+    from engine.replication import pack_batch
+
+    rx, data = _receiver(tmp_path)
+    old, new = _Link(), _Link()
+
+    def batch(*records: tuple[int | None, str, dict[str, Any], bytes]) -> Message:
+        fields, parts = pack_batch([(*r, 0.0) for r in records])
+        return Message("recs", 1, fields, b"".join(parts))
+
+    def log(content: bytes) -> tuple[int | None, str, dict[str, Any], bytes]:
+        return None, "file", {"path": "srv/data/log", "gid": None, "size": len(content), "mode": 0o644,
+                              "mtime_ns": 0, "fresh": False}, content
+
+    async def story() -> None:
+        rx.link = new  # type: ignore[assignment]
+        await rx.on_recs(batch(log(b"all of it"), (None, "level", {"journal_id": "j", "head": 7}, b"")), new)  # type: ignore[arg-type]
+        await rx.on_recs(batch((5, *log(b"part")[1:])), old)  # type: ignore[arg-type]
+        while rx._apply_batch():
+            pass
+
+    asyncio.run(story())
+    assert (data / "log").read_bytes() == b"all of it"
+    assert rx.received_seq == 7
