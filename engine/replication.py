@@ -432,7 +432,7 @@ class Sender:
         """Send the journal records in (after, upto] that touch none of the `synced` subtrees,
         as sync records (the passive is not level yet); return the subtrees (none the ancestor
         of another) that the others name."""
-        touches = _touching(synced)
+        touches = _Touching(synced)  # and what a record held back touched: what follows builds on it
         again: set[str] = set()
         cursor = after
         while cursor < upto and not self.link.closed:
@@ -445,6 +445,8 @@ class Sender:
                 named = [r.meta["path"], r.meta["dst"]] if r.meta.get("dst") else [r.meta["path"]]
                 if any(touches(x) for x in named):
                     again.update(named)
+                    for x in named:
+                        touches.add(x)
                 else:
                     out.append((None, r.op, r.meta, r.data, r.ts))
             if out:
@@ -959,15 +961,24 @@ def _shipped_manifest(state: State, cluster: "ClusterConfig", paths: Iterable[st
         db.close()
 
 
-def _touching(paths: Iterable[str]) -> Callable[[str], bool]:
-    """Whether a path is one of `paths`, below one, or above one (a rename or delete of it moves them)."""
-    under = set(paths)
-    above = set()
-    for path in under:
+class _Touching:
+    """Paths, and whether another is one of them, below one, or above one (a rename or delete
+    of it moves or removes them)."""
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        self.under: set[str] = set()
+        self.above: set[str] = set()
+        for path in paths:
+            self.add(path)
+
+    def add(self, path: str) -> None:
+        self.under.add(path)
         while "/" in path:
             path = path.rsplit("/", 1)[0]
-            above.add(path)
-    return lambda x: x in under or x in above or has_ancestor_in(x, under)
+            self.above.add(path)
+
+    def __call__(self, path: str) -> bool:
+        return path in self.under or path in self.above or has_ancestor_in(path, self.under)
 
 
 def _done_with_dirty(db: sqlite3.Connection, node: str, upto: int) -> int:

@@ -244,6 +244,7 @@ def test_records_journaled_while_a_sync_read_are_synced_again_where_they_touch_i
             if len(compared) == 1:  # journaled while the first pass read the tree
                 journal("rename", path="srv/data/a/l", dst="srv/data/b/r")
                 journal("attr", path="srv/data/other", mode=0o644, mtime_ns=0)
+                journal("attr", path="srv/data/b/r", mode=0o600, mtime_ns=0)  # builds on the rename
             return []
 
         async def nothing(*args: Any, **kwargs: Any) -> list[Any]:
@@ -262,14 +263,14 @@ def test_records_journaled_while_a_sync_read_are_synced_again_where_they_touch_i
 
     compared, sent, level = asyncio.run(story())
     assert compared == [["srv/data/a"], ["srv/data/a/l", "srv/data/b/r"]]
-    assert sent == [(None, "attr"), (None, "level")]  # the rename is not replayed
-    assert level is not None and level["head"] == 2
+    assert sent == [(None, "attr"), (None, "level")]  # the rename, and what builds on it, are not replayed
+    assert level is not None and level["head"] == 3
 
 
 def test_a_path_touches_what_is_synced_below_it_above_it_or_as_it_is() -> None:
-    from engine.replication import _touching
+    from engine.replication import _Touching
 
-    touches = _touching(["srv/data/a/b", "srv/data/c"])
+    touches = _Touching(["srv/data/a/b", "srv/data/c"])
     assert [x for x in ["srv/data/a/b", "srv/data/a/b/f", "srv/data/a", "srv/data", "srv/data/c/d/e"] if touches(x)] \
         == ["srv/data/a/b", "srv/data/a/b/f", "srv/data/a", "srv/data", "srv/data/c/d/e"]
     assert not any(touches(x) for x in ["srv/data/a/bb", "srv/data/a/x", "srv/data/cc", "srv/other"])
