@@ -446,7 +446,7 @@ class Agent:
         if changes:
             self.flush_needed.set()
 
-    async def _journaled_now(self) -> int:
+    async def journaled_now(self) -> int:
         """The journal head once every change made on disk before this call is journaled."""
         barrier = self.barrier
         if barrier is not None:
@@ -543,7 +543,7 @@ class Agent:
             wake = asyncio.Event()
             self.journal_wake.add(wake)
             sender = Sender(link, self.state, self.cluster, self.node, progress, self.state.get("journal_id") or "",
-                            lambda: wake, waiter, self.event, self._journaled_now)
+                            lambda: wake, waiter, self.event, self.journaled_now)
             self.senders[link.node] = sender
             sender_task = asyncio.ensure_future(self._run_sender(sender))
             sender_task.add_done_callback(lambda t: self._sender_done(link, t))

@@ -145,13 +145,13 @@ def _totals(state: "State") -> tuple[int, int]:
 
 
 async def quiesce(agent: "Agent") -> int:
-    """Wait until captured changes are journaled; return the journal head to drain to."""
-    deadline = time.monotonic() + DRAIN_TIMEOUT
-    while len(agent.coalescer) or agent.flush_needed.is_set():
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.05)
-    return agent.state.journal_head()
+    """The journal head once every change made on disk before this call is journaled: what a
+    passive must apply. (An empty coalescer said less: events still in the kernel's inotify queue,
+    or in the capture thread's hands, were not counted.)"""
+    try:
+        return await asyncio.wait_for(agent.journaled_now(), DRAIN_TIMEOUT)
+    except TimeoutError:  # capture stalled: what is journaled is what there is to drain
+        return agent.state.journal_head()
 
 
 async def wait_applied(agent: "Agent", node: str, head: int) -> None:
