@@ -425,15 +425,16 @@ class Agent:
             pokes = barrier.pokes  # the read below begins after every wait counted here
             if barrier.wake_fd in ready:
                 barrier.woken()
-            if ready:
+            changes: list[Change] = []
+            if ready:  # also when only woken: the read drains whatever is pending now
                 try:
                     changes = self.watcher.read()
                 except OSError as exc:
                     self.last_error = f"inotify read: {exc}"
                     changes = [Change("rescan", t.rel) for t in self.cluster.protected]
+            try:
                 if changes:
                     loop.call_soon_threadsafe(self._on_changes, changes)
-            try:
                 loop.call_soon_threadsafe(barrier.captured, pokes)  # after the changes, in order
             except RuntimeError:  # the loop is gone: the agent is stopping
                 return

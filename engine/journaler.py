@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from engine.blocks import INLINE_BYTES, changed_blocks, hash_bytes, hash_file, read_shipped, read_whole
 from engine.capture import Change
 from engine.manifest import Entry, same, scan_tree
-from engine.paths import has_ancestor_in, is_within, open_parent_in, tree_of
+from engine.paths import is_within, open_parent_in, outermost, tree_of
 from engine.state import INSERT_JOURNAL
 
 if TYPE_CHECKING:
@@ -270,9 +270,8 @@ class Journaler:
             changed.append(entry.path)
         gone = {p for p in known if p not in seen}
         count = 0
-        for p in sorted(gone):
-            if not has_ancestor_in(p, gone):
-                count += self._append(self._delete(p))
+        for p in outermost(gone):
+            count += self._append(self._delete(p))
         for p in changed:
             count += self._examine_with_links(p)
         return count

@@ -104,6 +104,11 @@ def has_ancestor_in(path: str, pool: set[str]) -> bool:
     return False
 
 
+def outermost(paths: set[str]) -> list[str]:
+    """The paths none of whose ancestors is among them, sorted: acting on these covers all."""
+    return sorted(p for p in paths if not has_ancestor_in(p, paths))
+
+
 def tree_of(rel: str, trees: Iterable["ProtectedTree"]) -> "ProtectedTree | None":
     """The deepest tree that holds `rel` (or is it), or None."""
     best = None

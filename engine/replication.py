@@ -29,7 +29,7 @@ from engine.flush import EarlyFlush, syncfs
 from engine.held import Held
 from engine.journaler import fill_hashes, shipped_entry, shipped_under
 from engine.manifest import Entry, digests_from_hex, scan_tree, split_identity_dirs
-from engine.paths import check_rel_path, has_ancestor_in, tree_of
+from engine.paths import check_rel_path, has_ancestor_in, outermost, tree_of
 from engine.protocol import Message
 from engine.state import INSERT_RECVQ, State, read_journal
 from engine.sync import Difference, diff, lanes, repair_records
@@ -327,7 +327,7 @@ class Sender:
                 # What was journaled after the spill is in no dirty list and is not streamed
                 # either (streaming resumes at `head`): it is resynced with the rest.
                 dirty |= self.state.journal_paths_after(start, upto=head)
-                paths = sorted(x for x in dirty if not has_ancestor_in(x, dirty))
+                paths = outermost(dirty)
                 await self.sync(paths, head, reason="dirty-path resync")
             p.dirty_paths = await asyncio.to_thread(_done_with_dirty, self.db, p.node, read_upto)
             start = head
@@ -452,7 +452,7 @@ class Sender:
             if out:
                 await self._send(out)
             cursor = batch[-1].seq
-        return sorted(x for x in again if not has_ancestor_in(x, again))
+        return outermost(again)
 
     async def compare(self, paths: list[str],
                       on_progress: Callable[[int, int, int], None] | None = None) -> list[Difference]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from engine.blocks import (DIGEST_SIZE, INLINE_BYTES, changed_blocks, hash_bytes, hash_file, new_digests, read_hashing,
                            read_shipped, read_whole, zero_digest)
 from engine.manifest import Entry
-from engine.paths import Beneath, has_ancestor_in
+from engine.paths import Beneath, outermost
 
 if TYPE_CHECKING:
     from engine.config import ProtectedTree
@@ -61,9 +61,7 @@ def diff(active: dict[str, Entry], passive: dict[str, Entry], *, kept: Iterable[
         passive = {**passive, **counted}
     out: list[Difference] = []
     extra = {p for p in passive if p not in active}
-    for path in sorted(extra):
-        if not has_ancestor_in(path, extra):
-            out.append(Difference(path, "extra", None, passive[path]))
+    out += [Difference(path, "extra", None, passive[path]) for path in outermost(extra)]
     for path, a in active.items():
         p = passive.get(path)
         kind = _compare(a, p)
