@@ -358,6 +358,10 @@ class Sender:
             if not batch:
                 await wake.wait()
                 continue
+            if batch[0].seq != cursor + 1:
+                # A spill moved this passive's backlog to its dirty list, truncated the journal
+                # past it and is closing the link: records after the hole would only be refused.
+                return
             await self._send([(r.seq, r.op, r.meta, r.data, r.ts) for r in batch])
             cursor = batch[-1].seq or cursor
 
@@ -438,8 +442,9 @@ class Sender:
         while cursor < upto and not self.link.closed:
             batch = [r for r in await asyncio.to_thread(read_journal, self.db, cursor, BATCH_RECORDS, self.batch_bytes)
                      if r.seq <= upto]
-            if not batch:
-                break  # truncated by a spill, which closes the link: the level record never goes
+            if not batch or batch[0].seq != cursor + 1:
+                # Truncated by a spill, which closes the link: no level record may follow.
+                raise ConnectionResetError(f"journal records after {cursor} were spilled during the sync")
             out = []
             for r in batch:
                 named = [r.meta["path"], r.meta["dst"]] if r.meta.get("dst") else [r.meta["path"]]
@@ -474,16 +479,19 @@ class Sender:
         the way). With `trust_journal` (a sync, not verify) and a passive that holds nothing
         below the paths, the active's side is what it journaled rather than a walk of its tree.
         """
-        rid, fut = self.manifests.new(on_progress)
         # One path goes as "path", which a passive of every version reads; one of an older
         # version ignores "progress".
         where: dict[str, Any] = {"path": paths[0]} if len(paths) == 1 else {"paths": paths}
         progress = {"progress": True} if on_progress is not None else {}
-        await self.link.send("manifest_req", {"id": rid, **where, "kept": True, **progress})
-        # Read while the passive answers (0.1 s for 20,000 files); unused if it is not empty.
-        shipped = (asyncio.ensure_future(asyncio.to_thread(_shipped_manifest, self.state, self.cluster, paths))
-                   if trust_journal else None)
+        rid, fut = self.manifests.new(on_progress)
+        shipped: asyncio.Future[dict[str, Entry]] | None = None
         try:
+            # Inside the try: a request that never left is forgotten too, or the link's end
+            # fails its answer with no one left to read it.
+            await self.link.send("manifest_req", {"id": rid, **where, "kept": True, **progress})
+            # Read while the passive answers (0.1 s for 20,000 files); unused if it is not empty.
+            if trust_journal:
+                shipped = asyncio.ensure_future(asyncio.to_thread(_shipped_manifest, self.state, self.cluster, paths))
             listed, kept = await fut
             theirs = {e.path: e for e in listed}
             if shipped is not None and set(theirs) <= set(paths):

@@ -3,6 +3,7 @@ what it is given (no channel)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -274,3 +275,48 @@ def test_a_path_touches_what_is_synced_below_it_above_it_or_as_it_is() -> None:
     assert [x for x in ["srv/data/a/b", "srv/data/a/b/f", "srv/data/a", "srv/data", "srv/data/c/d/e"] if touches(x)] \
         == ["srv/data/a/b", "srv/data/a/b/f", "srv/data/a", "srv/data", "srv/data/c/d/e"]
     assert not any(touches(x) for x in ["srv/data/a/bb", "srv/data/a/x", "srv/data/cc", "srv/other"])
+
+
+def test_a_compare_whose_request_never_left_leaves_no_failure_unread(tmp_path: Path) -> None:
+    """The link closed while the manifest request was being queued: the compare failed, but its
+    request stayed pending, and the link's end failed it again with no one left to read it
+    (asyncio logged "Future exception was never retrieved" at ERROR, now and then in a hunt)."""
+    async def story() -> tuple[type, list[dict[str, Any]]]:
+        unread: list[dict[str, Any]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unread.append(context))
+        sender, link, _ = _sender(tmp_path)
+
+        async def closed(*args: Any, **kwargs: Any) -> None:
+            raise ConnectionResetError("channel is closed")
+
+        link.send = closed  # type: ignore[method-assign]
+        [failure] = await asyncio.gather(sender.compare(["srv/data"]), return_exceptions=True)
+        kind = type(failure)
+        del failure  # its traceback holds the compare's frame, and so its request
+        sender.manifests.fail_all(ConnectionError("channel to secondary closed"))  # as the link's end does
+        gc.collect()
+        return kind, unread
+
+    kind, unread = asyncio.run(story())
+    assert kind is ConnectionResetError
+    assert unread == []
+
+
+def test_streaming_stops_at_a_hole_a_spill_cut_in_the_journal(tmp_path: Path) -> None:
+    """A spill truncates the journal past the passive's place, then closes its link: a read in
+    between found the records after the hole, and the passive refused them as a sequence gap
+    (a warning in its log for a spill that is routine)."""
+    import json
+
+    from engine.state import INSERT_JOURNAL
+
+    async def story() -> list[tuple[str, dict[str, Any]]]:
+        sender, link, _ = _sender(tmp_path)
+        for _ in range(5):
+            sender.db.execute(INSERT_JOURNAL, ("attr", json.dumps({"path": "srv/data/a"}), b"", 0, 0.0))
+        sender.db.execute("DELETE FROM journal WHERE seq <= 3")  # this passive had applied 1
+        async with asyncio.timeout(10):
+            await sender.stream(1)
+        return link.sent
+
+    assert asyncio.run(story()) == []
