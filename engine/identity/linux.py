@@ -56,9 +56,26 @@ class LinuxIdentity(IdentityProvider):
             await _run("ip", "addr", "del", cidr, "dev", self.interface, check=False)
 
 
+#: Seconds an `ip` or `hostname` command may take. They answer in milliseconds; one that hangs
+#: (a wedged netlink, a stuck NSS lookup) must fail the takeover or release that ran it, with its
+#: name, rather than hold the HA loop for ever.
+COMMAND_TIMEOUT = 10.0
+
+
 async def _run(*argv: str, check: bool = True) -> None:
+    """Run a command; with `check`, a failure or a hang raises OSError. Without, a failure is
+    expected (deleting an address not held) and a hang is logged."""
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
                                                 stderr=asyncio.subprocess.PIPE)
-    _, err = await proc.communicate()
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), COMMAND_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        hung = f"{' '.join(argv)} did not finish in {COMMAND_TIMEOUT:g} s (killed)"
+        if check:
+            raise OSError(hung) from None
+        log.warning("%s", hung)
+        return
     if check and proc.returncode:
         raise OSError(f"{' '.join(argv)} failed: {err.decode(errors='replace').strip()}")
