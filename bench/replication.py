@@ -806,8 +806,11 @@ def sync_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                      for k, v in r.items() if isinstance(v, dict) and "seconds_with_sync" in v)
     what = (f"Initial sync, {r['bytes'] / (1 << 30):.2f} GiB in {r['files']:,} files "
             f"(median of {r.get('rounds', 1)} rounds)")
-    target = (f"≤ rsync -a {verdict(nf_s <= rs)} (×{nf_s / rs:.2f}); ≤ 1.5 × cp -a {verdict(nf_s <= 1.5 * cp)} "
-              f"(×{nf_s / cp:.2f})")
+    # nf's time includes making its copy durable; beside each verdict, the ratio to the baseline's
+    # copy once it is on disk too.
+    cp_sync, rs_sync = r["cp -a"]["seconds_with_sync"], r["rsync -a (local)"]["seconds_with_sync"]
+    target = (f"≤ rsync -a {verdict(nf_s <= rs)} (×{nf_s / rs:.2f}; ×{nf_s / rs_sync:.2f} of its durable copy); "
+              f"≤ 1.5 × cp -a {verdict(nf_s <= 1.5 * cp)} (×{nf_s / cp:.2f}; ×{nf_s / cp_sync:.2f} of its durable copy)")
     nf_txt = (f"{nf_s:.1f} s ({r['nf']['cpu_s']:.1f} CPU-s in both agents; passive start-up until "
               f"connected {r['nf']['passive_connected_s']:.1f} s)")
     return [(what, nf_txt, base, target)]
