@@ -155,10 +155,19 @@ async def quiesce(agent: "Agent") -> int:
 
 
 async def wait_applied(agent: "Agent", node: str, head: int) -> None:
+    """Until `node` has applied up to `head` and is not syncing. A passive whose sync will
+    outlast the wait (a new node copying terabytes) is given up on at once, with how far its
+    sync has come, rather than after keeping the operator waiting for nothing."""
     deadline = time.monotonic() + DRAIN_TIMEOUT
     progress = agent.progress[node]
     while progress.acked_applied < head or progress.syncing:
-        if time.monotonic() > deadline:
+        sync = progress.sync.to_json() if progress.sync is not None else None
+        left = deadline - time.monotonic()
+        if sync is not None and (left < 0 or (sync["eta_seconds"] or 0) > left):
+            eta = f", about {sync['eta_seconds']:.0f} s left" if sync["eta_seconds"] is not None else ""
+            raise TimeoutError(f"{node} is in its {sync['reason']} ({sync['percent']:g} % done{eta}): "
+                               "try again once nf status shows it level")
+        if left < 0:
             raise TimeoutError(f"{node} did not apply up to {head} within {DRAIN_TIMEOUT:.0f} s")
         if node not in agent.senders:
             raise ConnectionError(f"channel to {node} closed")

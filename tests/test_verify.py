@@ -5,18 +5,25 @@ manifest request only once it is let go, so each state below lasts as long as th
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from conftest import Demo, nf, wait_for
 from engine.client import request
 from engine.config import load_cluster, load_node
+from engine.replication import PeerProgress, SyncProgress
+from engine.verify import wait_applied
 
 
 def _status(demo: Demo, node: str = "primary") -> dict[str, Any]:
@@ -121,3 +128,38 @@ def test_nf_verify_ends_when_the_active_dies_under_it(demo: Demo) -> None:
         out, err = cli.communicate(timeout=30)
     assert cli.returncode == 3, out + err
     assert "closed the connection" in json.loads(out)["error"]["message"]
+
+
+def _syncing(eta_seconds: float) -> Any:
+    """A stand-in agent whose secondary is a tenth of the way through a sync that has run for
+    `eta_seconds / 9` seconds (so `eta_seconds` are left)."""
+    sync = SyncProgress("initial sync", paths=1, started=time.monotonic() - eta_seconds / 9)
+    sync.group_paths, sync.group_bytes, sync.group_sent = 1, 1000, 100
+    return SimpleNamespace(progress={"secondary": PeerProgress("secondary", sync=sync)},
+                           senders={"secondary": object()})
+
+
+def test_a_passive_whose_sync_outlasts_the_wait_is_given_up_on_at_once_with_how_far_it_is() -> None:
+    """A verify (or switchover) of a passive in a long initial sync waited out its two minutes
+    and then said only that the passive had not applied the journal."""
+    async def story() -> None:
+        async with asyncio.timeout(5):
+            await wait_applied(_syncing(540), "secondary", 7)
+
+    with pytest.raises(TimeoutError, match=r"^secondary is in its initial sync \(10 % done, about 54\d s left\): "
+                                           r"try again once nf status shows it level$"):
+        asyncio.run(story())
+
+
+def test_a_passive_whose_sync_ends_soon_is_waited_for() -> None:
+    async def story() -> None:
+        agent = _syncing(2)
+        waiting = asyncio.ensure_future(wait_applied(agent, "secondary", 7))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        progress = agent.progress["secondary"]
+        progress.sync, progress.acked_applied = None, 7  # level
+        async with asyncio.timeout(5):
+            await waiting
+
+    asyncio.run(story())
