@@ -31,7 +31,7 @@ from engine.journaler import fill_hashes, shipped_entry, shipped_under
 from engine.manifest import Entry, digests_from_hex, scan_tree, split_identity_dirs
 from engine.paths import check_rel_path, has_ancestor_in, outermost, tree_of
 from engine.protocol import Message
-from engine.state import INSERT_RECVQ, State, read_journal
+from engine.state import INSERT_RECVQ, JournalRecord, State, read_journal
 from engine.sync import Difference, diff, lanes, repair_records
 
 if TYPE_CHECKING:
@@ -354,14 +354,10 @@ class Sender:
         wake = self.wake()
         while not self.link.closed:
             wake.clear()
-            batch = await asyncio.to_thread(read_journal, self.db, cursor, BATCH_RECORDS, self.batch_bytes)
+            batch = await self._read_journal(cursor)
             if not batch:
                 await wake.wait()
                 continue
-            if batch[0].seq != cursor + 1:
-                # A spill moved this passive's backlog to its dirty list, truncated the journal
-                # past it and is closing the link: records after the hole would only be refused.
-                return
             await self._send([(r.seq, r.op, r.meta, r.data, r.ts) for r in batch])
             cursor = batch[-1].seq or cursor
 
@@ -440,10 +436,8 @@ class Sender:
         again: set[str] = set()
         cursor = after
         while cursor < upto and not self.link.closed:
-            batch = [r for r in await asyncio.to_thread(read_journal, self.db, cursor, BATCH_RECORDS, self.batch_bytes)
-                     if r.seq <= upto]
-            if not batch or batch[0].seq != cursor + 1:
-                # Truncated by a spill, which closes the link: no level record may follow.
+            batch = [r for r in await self._read_journal(cursor) if r.seq <= upto]
+            if not batch:  # truncated empty by a spill, which closes the link: no level record may follow
                 raise ConnectionResetError(f"journal records after {cursor} were spilled during the sync")
             out = []
             for r in batch:
@@ -458,6 +452,15 @@ class Sender:
                 await self._send(out)
             cursor = batch[-1].seq
         return outermost(again)
+
+    async def _read_journal(self, cursor: int) -> list[JournalRecord]:
+        """The next batch of records after `cursor`. A spill moves a passive's backlog to its
+        dirty list, truncates the journal past it and then closes its link; a read in between
+        finds a hole, and the records after it would only be refused as a sequence gap."""
+        batch = await asyncio.to_thread(read_journal, self.db, cursor, BATCH_RECORDS, self.batch_bytes)
+        if batch and batch[0].seq != cursor + 1:
+            raise ConnectionResetError(f"journal records after {cursor} were spilled")
+        return batch
 
     async def compare(self, paths: list[str],
                       on_progress: Callable[[int, int, int], None] | None = None) -> list[Difference]:

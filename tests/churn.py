@@ -149,11 +149,10 @@ class _InPlace(_Writer):
 
     def step(self) -> None:
         if not self.files:
-            for i in range(3):
-                mib = self.rng.choice([4, 8, 16])
-                self.dd("if=/dev/urandom", f"of={self.dir / f'img-{i}'}", "bs=1M", f"count={mib}")
-                self.written += mib << 20
-                self.files = [*self.files, (self.dir / f"img-{i}", mib << 20)]
+            self.files = [(self.dir / f"img-{i}", self.rng.choice([4, 8, 16]) << 20) for i in range(3)]
+            for path, size in self.files:
+                self.dd("if=/dev/urandom", f"of={path}", "bs=1M", f"count={size >> 20}")
+                self.written += size
         self.pace()
         path, size = self.rng.choice(self.files)
         block = self.rng.choice(list(_BLOCKS))
@@ -212,10 +211,10 @@ class _SameSize(_Writer):
 
     def step(self) -> None:
         if not self.files:
-            for i in range(4):
-                size = self.rng.choice([5000, 65536, 1 << 20, 4 << 20]) + self.rng.randint(0, 4095)
-                (self.dir / f"same-{i}").write_bytes(self.data(size))
-                self.files = [*self.files, (self.dir / f"same-{i}", size)]
+            self.files = [(self.dir / f"same-{i}", self.rng.choice([5000, 65536, 1 << 20, 4 << 20])
+                           + self.rng.randint(0, 4095)) for i in range(4)]
+            for path, size in self.files:
+                path.write_bytes(self.data(size))
         self.pace()
         path, size = self.rng.choice(self.files)
         if self.rng.random() < 0.5:

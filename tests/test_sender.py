@@ -316,7 +316,7 @@ def test_streaming_stops_at_a_hole_a_spill_cut_in_the_journal(tmp_path: Path) ->
             sender.db.execute(INSERT_JOURNAL, ("attr", json.dumps({"path": "srv/data/a"}), b"", 0, 0.0))
         sender.db.execute("DELETE FROM journal WHERE seq <= 3")  # this passive had applied 1
         async with asyncio.timeout(10):
-            await sender.stream(1)
+            await asyncio.gather(sender.stream(1), return_exceptions=True)  # it ends, and the link with it
         return link.sent
 
     assert asyncio.run(story()) == []
