@@ -109,12 +109,34 @@ class Demo:
                          f"{node}'s tree to equal the primary's: {tree_diff(src, self.data(node))[:5]}")
 
 
+#: Each test's reports by phase ("setup", "call", "teardown"), for fixtures that act on a failure.
+_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    report = yield
+    item.stash.setdefault(_REPORTS, {})[report.when] = report
+    return report
+
+
+#: Lines of each agent's log shown when a test of a demo cluster fails.
+LOG_TAIL = 60
+
+
 @pytest.fixture
-def demo(tmp_path: Path) -> Iterator[Demo]:
+def demo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Demo]:
     d = Demo(tmp_path / "demo")
     try:
         yield d
     finally:
+        call = request.node.stash.get(_REPORTS, {}).get("call")
+        if call is not None and call.failed:
+            # CI keeps only what a failure prints: its temporary directory goes with the machine.
+            for log in sorted(d.workdir.glob("*/agent.log")):
+                lines = log.read_text(errors="replace").splitlines()
+                print(f"--- {log.parent.name}: last {min(len(lines), LOG_TAIL)} of {len(lines)} lines of {log}")
+                print("\n".join(lines[-LOG_TAIL:]))
         d.down()
 
 
